@@ -1,0 +1,30 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,postgres]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	cd examples/trip_booking && ../../$(BIN)/flask --app app run --port $${PORT:-5000}
+
+test: $(STAMP)
+	$(BIN)/ruff check flask_durable tests benchmarks examples
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check flask_durable tests benchmarks examples
+	$(BIN)/ruff format --check flask_durable tests benchmarks examples
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

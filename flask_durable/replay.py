@@ -1,0 +1,203 @@
+"""Stored request -> WSGI environ -> app -> captured response.
+
+A run is resumed by calling the app's WSGI callable with the request that
+started it, exactly as a server would. :class:`CaptureMiddleware` sits at the
+bottom of ``app.wsgi_app`` and stores the final response of every durable
+run, whether it came from a client or from a replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from io import BytesIO
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import InternalServerError
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+from .serde import decode_envelope, encode_envelope
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from .context import RunContext
+    from .runtime import _State
+
+log = logging.getLogger("flask_durable")
+
+#: Environ key marking a replay; holds the claim of the run being resumed.
+#: Only this process can set it: no client header maps to it.
+REPLAY_KEY = "flask_durable.replay"
+#: Environ key holding the :class:`~flask_durable.context.RunContext` of a
+#: request that reached a durable endpoint.
+CONTEXT_KEY = "flask_durable.run"
+
+#: Keys of the environ that are stored with a run besides the HTTP headers.
+_ENVIRON_KEYS = (
+    "REQUEST_METHOD",
+    "SCRIPT_NAME",
+    "PATH_INFO",
+    "QUERY_STRING",
+    "CONTENT_TYPE",
+    "SERVER_NAME",
+    "SERVER_PORT",
+    "SERVER_PROTOCOL",
+    "REMOTE_ADDR",
+    "REMOTE_PORT",
+    "wsgi.url_scheme",
+)
+#: Values ProxyFix rewrites; the originals are stored so the replay goes
+#: through ProxyFix again exactly as the request did.
+_PROXY_ORIG = "werkzeug.proxy_fix.orig"
+#: Headers that describe the transfer of the original body, not the body.
+_DROP = ("HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH", "CONTENT_LENGTH")
+
+
+def capture_request(environ: WSGIEnvironment, body: bytes) -> bytes:
+    """Serialize what is needed to replay this request, with its raw body."""
+    stored: dict[str, Any] = {}
+    for key in _ENVIRON_KEYS:
+        value = environ.get(key)
+        if value is not None:
+            stored[key] = value
+    for key, value in environ.items():
+        if key.startswith("HTTP_") and key not in _DROP and isinstance(value, str):
+            stored[key] = value
+    orig = environ.get(_PROXY_ORIG)
+    if isinstance(orig, dict):
+        stored.update({k: v for k, v in orig.items() if isinstance(v, str)})
+    return encode_envelope({"environ": stored}, body)
+
+
+def build_environ(blob: bytes) -> WSGIEnvironment:
+    """Rebuild a WSGI environ from :func:`capture_request`'s output."""
+    meta, body = decode_envelope(blob)
+    stored: dict[str, str] = meta["environ"]
+    builder = EnvironBuilder(
+        method=stored.get("REQUEST_METHOD", "GET"),
+        base_url=f"{stored.get('wsgi.url_scheme', 'http')}://localhost/",
+        input_stream=BytesIO(body),
+        content_length=len(body),
+    )
+    try:
+        environ = builder.get_environ()
+    finally:
+        builder.close()
+    environ.update(stored)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ["wsgi.input"] = BytesIO(body)
+    environ["wsgi.errors"] = sys.stderr
+    environ["wsgi.multithread"] = True
+    environ["wsgi.multiprocess"] = True
+    return environ
+
+
+def encode_response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    return encode_envelope({"status": status, "headers": headers}, body)
+
+
+def decode_response(blob: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    meta, body = decode_envelope(blob)
+    return meta["status"], [(k, v) for k, v in meta["headers"]], body
+
+
+def _with_run_id(headers: list[tuple[str, str]], run_id: str) -> list[tuple[str, str]]:
+    if not any(k.lower() == "durable-run-id" for k, _ in headers):
+        headers = [*headers, ("Durable-Run-Id", run_id)]
+    return headers
+
+
+class CaptureMiddleware:
+    """Buffers the response of requests that ran a durable view, stores it
+    as the run's final response when the run is finished, and adds the
+    ``Durable-Run-Id`` header. Other requests pass through untouched."""
+
+    def __init__(self, wsgi_app: WSGIApplication, state: _State) -> None:
+        self.wsgi_app = wsgi_app
+        self.state = state
+
+    def __call__(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        captured: list[Any] = []
+        chunks: list[bytes] = []
+
+        def capture(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], object]:
+            if CONTEXT_KEY not in environ:
+                return start_response(status, headers, exc_info)
+            captured[:] = [status, headers, exc_info]
+            return chunks.append
+
+        try:
+            app_iter = self.wsgi_app(environ, capture)
+        except BaseException:
+            ctx = environ.get(CONTEXT_KEY)
+            if ctx is not None:
+                self._store_crash(ctx, environ)
+            raise
+        ctx = environ.get(CONTEXT_KEY)
+        if ctx is None or not captured:
+            return app_iter
+        try:
+            chunks.extend(app_iter)
+        finally:
+            close = getattr(app_iter, "close", None)
+            if close is not None:
+                close()
+        status, headers, exc_info = captured
+        headers = _with_run_id(list(headers), ctx.id)
+        body = b"".join(chunks)
+        if ctx.outcome in ("completed", "failed", "cancelled"):
+            self.state.finish(ctx, encode_response(status, headers, body))
+        start_response(status, headers, exc_info)
+        return [body]
+
+    def _store_crash(self, ctx: RunContext, environ: WSGIEnvironment) -> None:
+        """The app raised (``PROPAGATE_EXCEPTIONS``): store the 500 that a
+        server would have sent."""
+        if ctx.outcome in ("suspended", "lost"):
+            return
+        ctx.outcome = "failed"
+        response = InternalServerError().get_response(environ)
+        headers = _with_run_id(list(response.headers.items()), ctx.id)
+        self.state.finish(
+            ctx, encode_response(response.status, headers, response.get_data())
+        )
+
+
+def replay(state: _State, claim: dict[str, Any]) -> None:
+    """Resume a claimed run by calling the app with its stored request."""
+    run_id = claim["id"]
+    blob = state.store.get_request(run_id)
+    if blob is None:
+        return
+    environ = build_environ(blob)
+    environ[REPLAY_KEY] = claim
+    try:
+        app_iter, status, headers = run_wsgi_app(state.app, environ, buffered=True)
+        body = b"".join(app_iter)
+        close = getattr(app_iter, "close", None)
+        if close is not None:
+            close()
+    except Exception:
+        # The 500 was stored by CaptureMiddleware; the app's own logging
+        # reported the error.
+        log.debug("replay of run %s raised", run_id, exc_info=True)
+        return
+    if CONTEXT_KEY not in environ:
+        # The request no longer reaches a durable view (route removed, a
+        # before_request hook answered): that answer is the run's last.
+        log.warning(
+            "replay of run %s did not reach a durable view (%s); finishing it",
+            run_id,
+            status,
+        )
+        state.finish_detached(
+            claim,
+            "failed",
+            encode_response(status, _with_run_id(list(headers.items()), run_id), body),
+        )

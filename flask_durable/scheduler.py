@@ -1,0 +1,245 @@
+"""In-process timers, the sweeper and lease heartbeats.
+
+The database is the queue. APScheduler (3.11, memory job store only) keeps:
+
+* one *sweeper* job that claims due runs (retries, wake-ups, runs of
+  crashed processes) from the database with a lease and sets exact timers
+  for runs due before the next sweep;
+* *wake timers*: date jobs for runs due soon, the fast path;
+* one *heartbeat* job that renews the leases of runs executing here and
+  picks up cancellations requested from other processes;
+* an hourly *housekeeping* job.
+
+Claimed runs are replayed on a bounded thread pool; the sweeper claims no
+more runs than the pool has free threads. Nothing here builds requests or
+speaks SQL: that is :mod:`flask_durable.replay` and :mod:`flask_durable.store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+
+if TYPE_CHECKING:
+    from .runtime import _State
+
+log = logging.getLogger("flask_durable")
+
+#: Events are kept this long (they deduplicate for 24 hours).
+_EVENT_RETENTION = 2 * 86400.0
+
+
+class Scheduler:
+    """The background machinery of one app in one process."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self._aps: BackgroundScheduler | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._timers: set[str] = set()
+
+    @property
+    def running(self) -> bool:
+        return self._aps is not None
+
+    def start(self) -> None:
+        state = self.state
+        self._pool = ThreadPoolExecutor(
+            state.workers, thread_name_prefix="durable-resume"
+        )
+        aps = BackgroundScheduler(
+            executors={"default": APSThreadPool(4)},
+            job_defaults={
+                "coalesce": True,
+                "max_instances": 1,
+                "misfire_grace_time": None,
+            },
+            timezone=timezone.utc,
+        )
+        now = datetime.now(timezone.utc)
+        aps.add_job(
+            self.sweep,
+            "interval",
+            seconds=state.poll_interval,
+            id="durable-sweep",
+            next_run_time=now,
+        )
+        aps.add_job(
+            self.heartbeat,
+            "interval",
+            seconds=max(state.lease_seconds / 3.0, 0.05),
+            id="durable-heartbeat",
+        )
+        aps.add_job(
+            self.housekeeping,
+            "interval",
+            hours=1,
+            id="durable-housekeeping",
+            next_run_time=now,
+        )
+        aps.start()
+        self._aps = aps
+
+    def shutdown(self) -> None:
+        aps, pool = self._aps, self._pool
+        self._aps = self._pool = None
+        if aps is not None:
+            aps.shutdown(wait=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- timers -------------------------------------------------------------
+
+    def wake_at(self, run_id: str, due_at: float) -> None:
+        """Resume ``run_id`` at ``due_at`` if that is before the next sweep
+        (later runs are found by the sweeper, so nothing is held in memory
+        for them)."""
+        aps = self._aps
+        if aps is None:
+            return
+        if due_at - time.time() > self.state.poll_interval * 1.5:
+            return
+        job_id = f"wake:{run_id}"
+        with self._lock:
+            if job_id in self._timers:
+                return
+            self._timers.add(job_id)
+        try:
+            aps.add_job(
+                self._fire,
+                "date",
+                run_date=datetime.fromtimestamp(due_at, timezone.utc),
+                args=(run_id, job_id),
+                id=job_id,
+                replace_existing=True,
+                misfire_grace_time=None,
+            )
+        except Exception:  # scheduler shutting down
+            with self._lock:
+                self._timers.discard(job_id)
+
+    def wake_now(self, run_id: str) -> None:
+        """Resume ``run_id`` as soon as a thread is free (an event came)."""
+        pool = self._pool
+        if pool is not None:
+            self._submit(run_id)
+
+    def notify_finished(self, run_id: str) -> None:
+        aps = self._aps
+        job_id = f"wake:{run_id}"
+        with self._lock:
+            if job_id not in self._timers:
+                return
+            self._timers.discard(job_id)
+        if aps is not None:
+            try:
+                aps.remove_job(job_id)
+            except JobLookupError:
+                pass
+
+    def _fire(self, run_id: str, job_id: str) -> None:
+        with self._lock:
+            self._timers.discard(job_id)
+        self._submit(run_id)
+
+    def _submit(self, run_id: str) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        with self._lock:
+            self._inflight += 1
+        try:
+            pool.submit(self._claim_and_resume, run_id)
+        except RuntimeError:  # pool shut down
+            with self._lock:
+                self._inflight -= 1
+
+    def _claim_and_resume(self, run_id: str) -> None:
+        from .runtime import claim_dict
+
+        try:
+            owner = self.state.new_owner()
+            row = self.state.store.claim(run_id, owner, self.state.lease_seconds)
+            if row is not None:
+                self.state.resume(claim_dict(row, owner))
+        except Exception:
+            log.exception("resuming run %s failed", run_id)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def _resume_claimed(self, claim: dict[str, Any]) -> None:
+        try:
+            self.state.resume(claim)
+        except Exception:
+            log.exception("resuming run %s failed", claim["id"])
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    # -- periodic jobs --------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Claim due runs (up to the free threads) and time the ones due
+        before the next sweep."""
+        from .runtime import claim_dict
+
+        state = self.state
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            with self._lock:
+                free = state.workers - self._inflight
+            if free > 0:
+                owner = state.new_owner()
+                rows = state.store.claim_due(owner, state.lease_seconds, free)
+                for row in rows:
+                    with self._lock:
+                        self._inflight += 1
+                    try:
+                        pool.submit(self._resume_claimed, claim_dict(row, owner))
+                    except RuntimeError:
+                        with self._lock:
+                            self._inflight -= 1
+                        state.store.release(row.id, owner)
+            for run_id, due_at in state.store.upcoming(state.poll_interval * 1.5, 1000):
+                self.wake_at(run_id, due_at)
+        except Exception:
+            log.exception("durable sweep failed; retrying at the next interval")
+
+    def heartbeat(self) -> None:
+        """Renew the leases of runs executing in this process."""
+        state = self.state
+        leases = [
+            (c.id, c.owner) for c in list(state.active.values()) if c.new_run is None
+        ]
+        if not leases:
+            return
+        try:
+            lost, cancelled = state.store.renew(leases, state.lease_seconds)
+        except Exception:
+            log.exception("durable heartbeat failed; retrying")
+            return
+        for run_id in cancelled:
+            ctx = state.active.get(run_id)
+            if ctx is not None:
+                ctx.request_cancel()
+        for run_id in lost:
+            log.warning("run %s: lease lost; another process owns it now", run_id)
+
+    def housekeeping(self) -> None:
+        try:
+            self.state.store.purge_events(time.time() - _EVENT_RETENTION)
+        except Exception:
+            log.exception("durable housekeeping failed")

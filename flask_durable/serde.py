@@ -1,0 +1,94 @@
+"""Encoding of step values, stored requests and stored responses.
+
+Step values go through Flask's tagged JSON (``flask.json.tag``) so tuples,
+bytes, UUIDs and datetimes survive a round trip. Datetimes keep their
+microseconds and time zone (Flask's own tag rounds to the second).
+
+Stored requests and responses pass through :func:`encode_envelope` and
+:func:`decode_envelope` only, the one place where at-rest encryption of
+headers and bodies can be added.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from flask.json.tag import JSONTag, TaggedJSONSerializer
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads = json.loads
+
+
+class _TagISODateTime(JSONTag):
+    __slots__ = ()
+    key = " d"
+
+    def check(self, value: Any) -> bool:
+        return isinstance(value, datetime)
+
+    def to_json(self, value: Any) -> Any:
+        return value.isoformat()
+
+    def to_python(self, value: Any) -> Any:
+        return datetime.fromisoformat(value)
+
+
+class _StrictSerializer(TaggedJSONSerializer):
+    """Tagged JSON that refuses what it cannot round-trip (no ``default``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register(_TagISODateTime, force=True)
+
+    def dumps(self, value: Any) -> str:
+        return _dumps(self.tag(value))
+
+    def loads(self, value: str | bytes) -> Any:
+        return _loads(value, object_hook=self.untag)
+
+
+_serializer = _StrictSerializer()
+
+
+def dump_value(value: Any) -> str:
+    """Encode a step value. Raises :class:`TypeError` for values that are
+    not JSON-like."""
+    try:
+        return _serializer.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(str(e)) from None
+    except RecursionError:
+        raise TypeError("value is nested too deeply (or refers to itself)") from None
+
+
+def load_value(text: str | bytes) -> Any:
+    """Decode a value written by :func:`dump_value`."""
+    return _serializer.loads(text)
+
+
+def dump_json(value: Any) -> str:
+    """Plain compact JSON for bookkeeping fields (errors, match specs)."""
+    return _dumps(value)
+
+
+def load_json(text: str | bytes) -> Any:
+    return _loads(text)
+
+
+def encode_envelope(meta: dict[str, Any], body: bytes) -> bytes:
+    """Pack a stored request or response: its metadata (method, path,
+    headers, status, ...) as one JSON line, then the raw body.
+
+    This is the single place that writes request and response headers and
+    bodies to the database.
+    """
+    return _dumps(meta).encode("utf-8") + b"\n" + body
+
+
+def decode_envelope(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """Unpack what :func:`encode_envelope` wrote."""
+    blob = bytes(blob)
+    head, _, body = blob.partition(b"\n")
+    return _loads(head), body

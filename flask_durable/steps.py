@@ -1,0 +1,334 @@
+"""The ``step`` namespace: ``step.run``, ``step.sleep``, ``step.sleep_until``,
+``step.wait_for_event`` and ``step.parallel``.
+
+Every function here works only inside a view decorated with
+``@durable.endpoint``; elsewhere it raises :class:`RuntimeError`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import random
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+
+from . import signals
+from .context import (
+    RunContext,
+    StepContext,
+    StepRecord,
+    _cv_step,
+    get_run_context,
+    raise_for_failed,
+)
+from .durations import Duration, parse_duration, parse_instant
+from .errors import (
+    NonRetriableError,
+    RetryAfterError,
+    StepError,
+    _Interrupt,
+    _Suspend,
+)
+from .serde import dump_json, dump_value, load_value
+
+T = TypeVar("T")
+
+#: Slack when comparing a stored due time with the clock.
+_EPSILON = 0.002
+
+
+def _backoff(ctx: RunContext, failures: int) -> float:
+    state = ctx.state
+    base = state.retry_backoff * (2 ** (failures - 1))
+    return min(state.retry_backoff_max, base) * random.uniform(0.5, 1.0)
+
+
+def _error_text(error: BaseException) -> str:
+    return dump_json([type(error).__name__, str(error)])
+
+
+def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` once for this run and checkpoint its
+    return value.
+
+    On replay the stored value is returned without calling ``fn``. The value
+    returned is always the stored (round-tripped) one, so the first execution
+    and a replay see equal values.
+
+    A failing ``fn`` is retried with exponential backoff (the run suspends and
+    the client is redirected to the wait URL); once its retries are exhausted,
+    or it raised :class:`NonRetriableError`, :class:`StepError` is raised.
+
+    :param step_id: the step's name, unique within the view (a repeated
+        name gets ``:1``, ``:2``, ...).
+    :param fn: the function to call.
+    :raises TypeError: when ``fn`` returns a value that cannot be stored.
+    """
+    ctx = get_run_context("step.run")
+    if not callable(fn):
+        raise TypeError(f"step.run({step_id!r}, ...) needs a callable, not {fn!r}")
+    sid = ctx.unique_id(step_id)
+    rec = ctx.memo.get(sid)
+    if rec is not None:
+        if rec.status == "completed":
+            return load_value(rec.output or "null")  # type: ignore[no-any-return]
+        if rec.status == "failed":
+            raise_for_failed(rec)
+        if rec.status == "error" and rec.due_at and rec.due_at > time.time() + _EPSILON:
+            raise _Suspend(rec.due_at, "scheduled")
+    ctx.boundary()
+    state = ctx.state
+    rec = ctx.next_record(sid, "running")
+    if len(ctx.memo) >= state.max_steps and sid not in ctx.memo:
+        rec.status = "failed"
+        rec.error = dump_json(
+            [
+                "ValueError",
+                f"the run has more than DURABLE_MAX_STEPS ({state.max_steps}) steps",
+            ]
+        )
+        rec.finished_at = time.time()
+        ctx.checkpoint(rec)
+        raise_for_failed(rec)
+    attempt = rec.attempts
+    token = _cv_step.set(StepContext(sid, attempt, ctx.id))
+    try:
+        value = fn(*args, **kwargs)
+    except _Interrupt:
+        raise
+    except Exception as error:
+        _failed(ctx, rec, error)
+    finally:
+        _cv_step.reset(token)
+    try:
+        text = dump_value(value)
+    except TypeError as e:
+        raise TypeError(
+            f"step {sid!r} returned a value that cannot be stored ({e}); return"
+            " JSON-like data: dict, list, str, int, float, bool, None, tuple,"
+            " bytes, UUID or datetime"
+        ) from None
+    rec.attempts = attempt + 1
+    rec.finished_at = time.time()
+    rec.due_at = None
+    if len(text) > state.max_step_output:
+        rec.status = "failed"
+        rec.error = dump_json(
+            [
+                "ValueError",
+                f"output is {len(text)} bytes, over DURABLE_MAX_STEP_OUTPUT"
+                f" ({state.max_step_output})",
+            ]
+        )
+    else:
+        rec.status = "completed"
+        rec.output = text
+        rec.error = None
+    ctx.checkpoint(rec)
+    if rec.status == "failed":
+        raise_for_failed(rec)
+    return load_value(text)  # type: ignore[no-any-return]
+
+
+def _failed(ctx: RunContext, rec: StepRecord, error: Exception) -> NoReturn:
+    """Record a failed attempt: retry later (suspend) or fail for good."""
+    now = time.time()
+    rec.attempts += 1
+    rec.error = _error_text(error)
+    retry_at: float | None = None
+    if not isinstance(error, NonRetriableError) and rec.attempts <= ctx.retries:
+        if isinstance(error, RetryAfterError):
+            after = error.retry_after
+            try:
+                if isinstance(after, (datetime, str)) and not _looks_like_duration(
+                    after
+                ):
+                    retry_at = parse_instant(after)
+                else:
+                    retry_at = now + parse_duration(after)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                retry_at = now + _backoff(ctx, rec.attempts)
+            retry_at = max(retry_at, now)
+        else:
+            retry_at = now + _backoff(ctx, rec.attempts)
+    if retry_at is None:
+        rec.status = "failed"
+        rec.finished_at = now
+        rec.due_at = None
+        ctx.checkpoint(rec)
+        raise StepError(rec.step_id, type(error).__name__, str(error)) from error
+    rec.status = "error"
+    rec.due_at = retry_at
+    ctx.park(rec)
+    signals.step_failed.send(
+        ctx.state.app, run_id=ctx.id, step_id=rec.step_id, final=False
+    )
+    raise _Suspend(retry_at, "scheduled") from error
+
+
+def _looks_like_duration(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        parse_duration(value)
+    except ValueError:
+        return False
+    return True
+
+
+def sleep(step_id: str, duration: Duration) -> None:
+    """Suspend the run for ``duration`` without holding a thread.
+
+    :param duration: ``"30s"``, ``"5m"``, ``"1h30m"``, ``"2d"``, a number of
+        seconds or a :class:`~datetime.timedelta`.
+    :raises ValueError: for a malformed duration.
+    """
+    ctx = get_run_context("step.sleep")
+    sid = ctx.unique_id(step_id)
+    try:
+        seconds = parse_duration(duration)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"step.sleep({sid!r}): {e}") from None
+    _sleep(ctx, sid, lambda now: now + seconds)
+
+
+def sleep_until(step_id: str, when: datetime | str) -> None:
+    """Suspend the run until ``when`` (a :class:`~datetime.datetime`, naive
+    means UTC, or an ISO-8601 string). A time in the past does not sleep.
+    """
+    ctx = get_run_context("step.sleep_until")
+    sid = ctx.unique_id(step_id)
+    try:
+        at = parse_instant(when)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"step.sleep_until({sid!r}): {e}") from None
+    _sleep(ctx, sid, lambda now: at)
+
+
+def _sleep(ctx: RunContext, sid: str, wake: Callable[[float], float]) -> None:
+    rec = ctx.memo.get(sid)
+    now = time.time()
+    if rec is not None:
+        if rec.status == "completed":
+            return
+        if rec.status == "sleeping" and rec.due_at and rec.due_at > now + _EPSILON:
+            raise _Suspend(rec.due_at, "sleeping")
+    ctx.boundary()
+    rec = ctx.next_record(sid, "sleeping")
+    due = rec.due_at if rec.status == "sleeping" and rec.due_at else wake(now)
+    if due <= now + _EPSILON:
+        rec.status = "completed"
+        rec.output = "null"
+        rec.attempts += 1
+        rec.finished_at = now
+        rec.due_at = None
+        ctx.checkpoint(rec)
+        return
+    rec.status = "sleeping"
+    rec.due_at = due
+    ctx.park(rec)
+    raise _Suspend(due, "sleeping")
+
+
+def wait_for_event(
+    step_id: str,
+    *,
+    event: str,
+    match: Mapping[str, Any] | None = None,
+    timeout: Duration,
+) -> dict[str, Any] | None:
+    """Suspend the run until an event named ``event`` is sent after the wait
+    began and each ``match`` entry equals the event's field at that dotted
+    path (``{"data.booking_id": 42}``).
+
+    :returns: the event (``name``, ``data``, ``id``, ``ts`` in milliseconds)
+        or ``None`` when ``timeout`` passes first.
+    """
+    ctx = get_run_context("step.wait_for_event")
+    sid = ctx.unique_id(step_id)
+    if not isinstance(event, str) or not event or len(event) > 255:
+        raise ValueError(
+            f"step.wait_for_event({sid!r}): event must be a non-empty name"
+        )
+    if match is not None and not isinstance(match, Mapping):
+        raise TypeError(f"step.wait_for_event({sid!r}): match must be a mapping")
+    try:
+        seconds = parse_duration(timeout)
+        match_text = dump_json(dict(match or {}))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"step.wait_for_event({sid!r}): {e}") from None
+    rec = ctx.memo.get(sid)
+    now = time.time()
+    if rec is not None:
+        if rec.status == "completed":
+            return load_value(rec.output or "null")  # type: ignore[no-any-return]
+        if rec.status == "waiting" and rec.due_at and rec.due_at > now + _EPSILON:
+            raise _Suspend(rec.due_at, "waiting")
+        if rec.status == "waiting":
+            rec.status = "completed"
+            rec.output = "null"
+            rec.attempts += 1
+            rec.finished_at = now
+            rec.due_at = None
+            ctx.checkpoint(rec)
+            return None
+    ctx.boundary()
+    rec = ctx.next_record(sid, "waiting")
+    rec.status = "waiting"
+    rec.due_at = now + seconds
+    ctx.park(
+        rec,
+        wait={
+            "step_id": sid,
+            "event": event,
+            "match": match_text,
+            "since": now,
+            "expires_at": rec.due_at,
+        },
+    )
+    raise _Suspend(rec.due_at, "waiting")
+
+
+def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:
+    """Run each zero-argument callable concurrently and return their
+    results in order.
+
+    Each branch is normally one :func:`run`; branches are checkpointed and
+    retried on their own, and a branch that completed is never run again. A
+    branch that will be retried suspends the run only after the others have
+    finished. A branch that failed for good raises :class:`StepError` here.
+    """
+    ctx = get_run_context("step.parallel")
+    for thunk in thunks:
+        if not callable(thunk):
+            raise TypeError(f"step.parallel() takes callables, not {thunk!r}")
+    if not thunks:
+        return ()
+    workers = max(1, min(len(thunks), ctx.state.max_parallel))
+    results: list[Any] = [None] * len(thunks)
+    suspends: list[_Suspend] = []
+    interrupts: list[BaseException] = []
+    failures: list[BaseException] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="durable-branch") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, t) for t in thunks]
+        for i, future in enumerate(futures):
+            try:
+                results[i] = future.result()
+            except _Suspend as s:
+                suspends.append(s)
+            except _Interrupt as e:
+                interrupts.append(e)
+            except BaseException as e:  # noqa: B036 - re-raised below
+                failures.append(e)
+    if interrupts:
+        raise interrupts[0]
+    step_errors = [f for f in failures if isinstance(f, StepError)]
+    if step_errors or failures:
+        raise (step_errors or failures)[0]
+    if suspends:
+        first = min(suspends, key=lambda s: s.due_at)
+        raise _Suspend(first.due_at, first.status)
+    return tuple(results)

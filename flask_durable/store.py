@@ -1,0 +1,730 @@
+"""SQLAlchemy Core tables and every query flask-durable makes.
+
+This is the only module that speaks SQL. Times are stored as POSIX
+timestamps (floats) so that comparisons are cheap and portable.
+
+Run rows carry ``due_at``: the time the run should next be executed. It is
+set while a run is not terminal (for a running run it is the time it
+started, so that a run whose process died is found by the same query once its
+lease expires) and ``NULL`` once it is terminal. One index on ``due_at``
+therefore serves the sweeper, however many finished runs the table holds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+#: Bump when the tables change; see ``docs/upgrading``.
+SCHEMA_VERSION = 1
+
+#: Statuses of a run that is not finished yet.
+ACTIVE_STATUSES = ("running", "scheduled", "sleeping", "waiting")
+#: Statuses of a finished run; its final response is stored.
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "durable_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+runs = sa.Table(
+    "durable_runs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("endpoint", sa.String(255), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("version", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("due_at", sa.Float),
+    sa.Column("deadline", sa.Float),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_expires_at", sa.Float),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("idempotency_key", sa.String(255)),
+    sa.Column("request_hash", sa.String(64)),
+    sa.Column("idempotency_expires_at", sa.Float),
+    sa.Column("request", sa.LargeBinary, nullable=False),
+    sa.Column("response", sa.LargeBinary),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_durable_runs_due", "due_at"),
+    sa.Index("ix_durable_runs_created", "created_at", "id"),
+    sa.Index("ux_durable_runs_idempotency", "endpoint", "idempotency_key", unique=True),
+)
+
+steps = sa.Table(
+    "durable_steps",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("step_id", sa.String(255), primary_key=True),
+    sa.Column("seq", sa.Integer, nullable=False, default=0),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("output", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("due_at", sa.Float),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+)
+
+waits = sa.Table(
+    "durable_waits",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("step_id", sa.String(255), primary_key=True),
+    sa.Column("event", sa.String(255), nullable=False),
+    sa.Column("match", sa.Text, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Index("ix_durable_waits_event", "event"),
+)
+
+events = sa.Table(
+    "durable_events",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Index("ix_durable_events_name_ts", "name", "ts"),
+    sa.Index("ix_durable_events_ts", "ts"),
+)
+
+_STEP_COLUMNS = (
+    steps.c.step_id,
+    steps.c.seq,
+    steps.c.status,
+    steps.c.attempts,
+    steps.c.output,
+    steps.c.error,
+    steps.c.due_at,
+    steps.c.started_at,
+    steps.c.finished_at,
+)
+
+
+class LeaseLost(Exception):
+    """A write was refused because this process no longer owns the run."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Store:
+    """Every database access of one :class:`~flask_durable.Durable` app.
+
+    :param url: a SQLAlchemy URL.
+    :param engine_options: extra keyword arguments for
+        :func:`sqlalchemy.create_engine`.
+    :param sqlite_synchronous: ``PRAGMA synchronous`` for SQLite
+        (``"NORMAL"`` or ``"FULL"``).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        engine_options: dict[str, Any] | None = None,
+        sqlite_synchronous: str = "NORMAL",
+    ) -> None:
+        options = dict(engine_options or {})
+        sa_url = sa.engine.make_url(url)
+        self.dialect = sa_url.get_backend_name()
+        self.is_sqlite = self.dialect == "sqlite"
+        self.is_postgres = self.dialect == "postgresql"
+        if self.is_sqlite:
+            database = sa_url.database or ""
+            if database in ("", ":memory:") or database.startswith("file::memory"):
+                raise ValueError(
+                    "flask-durable needs a SQLite file (an in-memory database is"
+                    " not shared between the threads that resume runs)"
+                )
+            directory = os.path.dirname(os.path.abspath(database))
+            os.makedirs(directory, exist_ok=True)
+            options.setdefault("pool_size", 20)
+            options.setdefault("max_overflow", 20)
+        else:
+            options.setdefault("pool_size", 10)
+            options.setdefault("max_overflow", 20)
+        self.engine: Engine = sa.create_engine(sa_url, **options)
+        if self.is_sqlite:
+            sync = sqlite_synchronous.upper()
+            if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+                raise ValueError(
+                    f"bad DURABLE_SQLITE_SYNCHRONOUS: {sqlite_synchronous!r}"
+                )
+            self._setup_sqlite(sync)
+        self._read = self.engine.execution_options(durable_readonly=True)
+
+    # -- connections --------------------------------------------------------
+
+    def _setup_sqlite(self, synchronous: str) -> None:
+        @sa_event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, record: Any) -> None:
+            # Take transaction control away from the sqlite3 module so that
+            # writers can start with BEGIN IMMEDIATE (no lock upgrades, so no
+            # SQLITE_BUSY deadlocks between processes).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @sa_event.listens_for(self.engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            if conn.get_execution_options().get("durable_readonly"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A short write transaction."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only connection (no write lock on SQLite)."""
+        with self._read.connect() as conn:
+            yield conn
+
+    def dispose(self, close: bool = True) -> None:
+        """Drop pooled connections (``close=False`` after ``fork()``)."""
+        self.engine.dispose(close=close)
+
+    # -- schema --------------------------------------------------------------
+
+    def create_all(self) -> None:
+        """Create the tables if needed and check the schema version."""
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine, checkfirst=True)
+                break
+            except sa.exc.DatabaseError:
+                # Another process created them at the same moment.
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        with self.begin() as conn:
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+            if found is None:
+                self._insert_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            elif int(found) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the durable tables have schema version {found}, newer than"
+                    f" this flask-durable ({SCHEMA_VERSION}): upgrade the package"
+                )
+
+    def _insert_meta(self, conn: Connection, key: str, value: str) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(meta.insert().values(key=key, value=value))
+        except IntegrityError:
+            pass
+
+    def secret(self) -> str:
+        """A random secret shared by every process using this database, for
+        signing wait tokens when the app has no ``SECRET_KEY``."""
+        with self.begin() as conn:
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "secret")
+            ).scalar()
+            if found is None:
+                self._insert_meta(conn, "secret", secrets.token_urlsafe(32))
+                found = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == "secret")
+                ).scalar_one()
+            return str(found)
+
+    def schema_version(self) -> int:
+        with self.read() as conn:
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+        return int(found or 0)
+
+    # -- starting and checkpointing ------------------------------------------
+
+    def insert_run(self, conn: Connection, row: dict[str, Any]) -> None:
+        conn.execute(runs.insert(), row)
+
+    def try_insert_idempotent_run(self, row: dict[str, Any]) -> bool:
+        """Insert a run that carries an idempotency key. Returns ``False``
+        when a live run already holds the key (an expired one is released)."""
+        now = row["created_at"]
+        for _ in range(2):
+            try:
+                with self.begin() as conn:
+                    conn.execute(runs.insert(), row)
+                return True
+            except IntegrityError:
+                with self.begin() as conn:
+                    released = conn.execute(
+                        runs.update()
+                        .where(
+                            runs.c.endpoint == row["endpoint"],
+                            runs.c.idempotency_key == row["idempotency_key"],
+                            runs.c.idempotency_expires_at < now,
+                        )
+                        .values(idempotency_key=None)
+                    ).rowcount
+                if not released:
+                    return False
+        return False
+
+    def find_idempotent(self, endpoint: str, key: str) -> Any:
+        with self.read() as conn:
+            return conn.execute(
+                sa.select(
+                    runs.c.id,
+                    runs.c.status,
+                    runs.c.request_hash,
+                    runs.c.idempotency_expires_at,
+                    runs.c.response,
+                ).where(runs.c.endpoint == endpoint, runs.c.idempotency_key == key)
+            ).first()
+
+    def _fence(self, conn: Connection, run_id: str, owner: str, now: float) -> None:
+        done = conn.execute(
+            runs.update()
+            .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+            .values(updated_at=now)
+        ).rowcount
+        if done != 1:
+            raise LeaseLost(run_id)
+
+    def write_steps(
+        self,
+        run_id: str,
+        owner: str,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+        new_run: dict[str, Any] | None = None,
+    ) -> None:
+        """Checkpoint steps of a run in one transaction.
+
+        :param new_run: the run row, when the run is not stored yet (it is
+            inserted with its first checkpoint).
+        :raises LeaseLost: when ``owner`` no longer holds the run's lease.
+        """
+        now = _now()
+        with self.begin() as conn:
+            if new_run is not None:
+                conn.execute(runs.insert(), new_run)
+            else:
+                self._fence(conn, run_id, owner, now)
+            self._write_steps(conn, run_id, inserts, updates)
+
+    def _write_steps(
+        self,
+        conn: Connection,
+        run_id: str,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+    ) -> None:
+        if inserts:
+            conn.execute(steps.insert(), [dict(r, run_id=run_id) for r in inserts])
+        for row in updates:
+            values = {k: v for k, v in row.items() if k != "step_id"}
+            conn.execute(
+                steps.update()
+                .where(steps.c.run_id == run_id, steps.c.step_id == row["step_id"])
+                .values(**values)
+            )
+
+    def load_steps(self, run_id: str) -> list[sa.Row[Any]]:
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(*_STEP_COLUMNS)
+                    .where(steps.c.run_id == run_id)
+                    .order_by(steps.c.seq)
+                )
+            )
+
+    # -- suspending and finishing --------------------------------------------
+
+    def suspend(
+        self,
+        run_id: str,
+        owner: str,
+        version: int,
+        status: str,
+        due_at: float,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+        new_waits: Sequence[dict[str, Any]],
+        new_run: dict[str, Any] | None = None,
+    ) -> float:
+        """Write a run's pending steps and park it until ``due_at``.
+
+        Returns the due time actually stored: ``now`` instead of ``due_at``
+        when something (an event) woke the run while it was executing.
+
+        :raises LeaseLost: when ``owner`` no longer holds the run's lease.
+        """
+        now = _now()
+        parked = {
+            "status": status,
+            "due_at": due_at,
+            "lease_owner": None,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        with self.begin() as conn:
+            if new_run is not None:
+                conn.execute(runs.insert(), dict(new_run, **parked))
+            else:
+                done = conn.execute(
+                    runs.update()
+                    .where(
+                        runs.c.id == run_id,
+                        runs.c.lease_owner == owner,
+                        runs.c.version == version,
+                    )
+                    .values(**parked)
+                ).rowcount
+                if done != 1:
+                    # Still ours but woken meanwhile: run again right away.
+                    parked.update(status="scheduled", due_at=now)
+                    done = conn.execute(
+                        runs.update()
+                        .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                        .values(**parked)
+                    ).rowcount
+                    if done != 1:
+                        raise LeaseLost(run_id)
+            self._write_steps(conn, run_id, inserts, updates)
+            if new_waits:
+                conn.execute(
+                    waits.insert(), [dict(w, run_id=run_id) for w in new_waits]
+                )
+        return float(parked["due_at"])  # type: ignore[arg-type]
+
+    def finish(
+        self,
+        run_id: str,
+        owner: str,
+        status: str,
+        response: bytes,
+        error: str | None,
+        new_run: dict[str, Any] | None = None,
+        inserts: Sequence[dict[str, Any]] = (),
+        updates: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """Store a run's final response and make it terminal.
+
+        :raises LeaseLost: when ``owner`` no longer holds the run's lease.
+        """
+        now = _now()
+        final = {
+            "status": status,
+            "response": response,
+            "error": error,
+            "finished_at": now,
+            "updated_at": now,
+            "due_at": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        with self.begin() as conn:
+            if new_run is not None:
+                conn.execute(runs.insert(), dict(new_run, **final))
+            else:
+                done = conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                    .values(**final)
+                ).rowcount
+                if done != 1:
+                    raise LeaseLost(run_id)
+            self._write_steps(conn, run_id, inserts, updates)
+            conn.execute(waits.delete().where(waits.c.run_id == run_id))
+
+    # -- claiming ------------------------------------------------------------
+
+    def claim(
+        self, run_id: str, owner: str, lease_seconds: float, *, force: bool = False
+    ) -> Any:
+        """Take the lease of one due run. Returns its ``(id, version,
+        attempt, deadline, cancel_requested, endpoint)`` or ``None`` when the
+        run is not due, finished, or leased by someone else.
+
+        :param force: claim even if not due yet (cancellation).
+        """
+        now = _now()
+        cond = [
+            runs.c.id == run_id,
+            runs.c.due_at.is_not(None),
+            sa.or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
+        ]
+        if not force:
+            cond.append(runs.c.due_at <= now + 0.005)
+        with self.begin() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(*cond)
+                .values(**self._claim_values(owner, now, lease_seconds))
+            ).rowcount
+            if done != 1:
+                return None
+            return conn.execute(
+                sa.select(*_CLAIM_COLUMNS).where(runs.c.id == run_id)
+            ).first()
+
+    def claim_due(
+        self, owner: str, lease_seconds: float, limit: int
+    ) -> list[sa.Row[Any]]:
+        """Take the leases of up to ``limit`` due runs whose lease is free or
+        expired (crashed processes). Safe to call from many processes at
+        once: each run is claimed by one of them."""
+        if limit <= 0:
+            return []
+        now = _now()
+        free = sa.or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now)
+        candidates = (
+            sa.select(runs.c.id)
+            .where(runs.c.due_at <= now, free)
+            .order_by(runs.c.due_at)
+            .limit(limit)
+        )
+        if self.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True)
+        stmt = (
+            runs.update()
+            .where(
+                runs.c.id.in_(candidates.scalar_subquery()), runs.c.due_at <= now, free
+            )
+            .values(**self._claim_values(owner, now, lease_seconds))
+            .returning(*_CLAIM_COLUMNS)
+        )
+        with self.begin() as conn:
+            return list(conn.execute(stmt))
+
+    @staticmethod
+    def _claim_values(owner: str, now: float, lease_seconds: float) -> dict[str, Any]:
+        return {
+            "lease_owner": owner,
+            "lease_expires_at": now + lease_seconds,
+            "status": "running",
+            "attempt": runs.c.attempt + 1,
+            "version": runs.c.version + 1,
+            "updated_at": now,
+        }
+
+    def upcoming(self, horizon: float, limit: int) -> list[tuple[str, float]]:
+        """Runs due within ``horizon`` seconds, for exact in-process timers."""
+        now = _now()
+        with self.read() as conn:
+            rows = conn.execute(
+                sa.select(runs.c.id, runs.c.due_at)
+                .where(runs.c.due_at > now, runs.c.due_at <= now + horizon)
+                .order_by(runs.c.due_at)
+                .limit(limit)
+            )
+            return [(r.id, r.due_at) for r in rows]
+
+    def renew(
+        self, leases: Iterable[tuple[str, str]], lease_seconds: float
+    ) -> tuple[set[str], set[str]]:
+        """Extend the leases ``(run_id, owner)`` this process holds.
+
+        Returns ``(lost, cancelled)``: runs whose lease is gone, and runs
+        whose cancellation was requested.
+        """
+        leases = list(leases)
+        lost: set[str] = set()
+        cancelled: set[str] = set()
+        if not leases:
+            return lost, cancelled
+        now = _now()
+        with self.begin() as conn:
+            for run_id, owner in leases:
+                done = conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                    .values(lease_expires_at=now + lease_seconds)
+                ).rowcount
+                if done != 1:
+                    lost.add(run_id)
+            ids = [r for r, _ in leases if r not in lost]
+            if ids:
+                cancelled = set(
+                    conn.execute(
+                        sa.select(runs.c.id).where(
+                            runs.c.id.in_(ids), runs.c.cancel_requested.is_(True)
+                        )
+                    ).scalars()
+                )
+        return lost, cancelled
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Give a lease back without changing anything else (the run is
+        picked up again by the next sweep)."""
+        with self.begin() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    # -- reading --------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> Any:
+        with self.read() as conn:
+            return conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
+
+    def get_final(self, run_id: str) -> tuple[str, bytes | None] | None:
+        """``(status, response)`` of a run, or ``None`` if unknown."""
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(runs.c.status, runs.c.response).where(runs.c.id == run_id)
+            ).first()
+        return None if row is None else (row.status, row.response)
+
+    def get_request(self, run_id: str) -> bytes | None:
+        with self.read() as conn:
+            return conn.execute(
+                sa.select(runs.c.request).where(runs.c.id == run_id)
+            ).scalar()
+
+    # -- cancellation ---------------------------------------------------------
+
+    def request_cancel(self, run_id: str) -> bool:
+        """Flag a run for cancellation and make it due now. Returns
+        ``False`` when the run is unknown or already finished."""
+        now = _now()
+        with self.begin() as conn:
+            return (
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, runs.c.due_at.is_not(None))
+                    .values(
+                        cancel_requested=True,
+                        due_at=sa.func.min(runs.c.due_at, now)
+                        if self.is_sqlite
+                        else sa.func.least(runs.c.due_at, now),
+                        version=runs.c.version + 1,
+                        updated_at=now,
+                    )
+                ).rowcount
+                == 1
+            )
+
+    # -- events ---------------------------------------------------------------
+
+    def insert_event(
+        self, event_id: str, name: str, data: str, ts: float, dedupe_window: float
+    ) -> bool:
+        """Store an event. Returns ``False`` when an event with this id was
+        stored within ``dedupe_window`` seconds (a duplicate)."""
+        try:
+            with self.begin() as conn:
+                conn.execute(
+                    events.insert().values(id=event_id, name=name, data=data, ts=ts)
+                )
+            return True
+        except IntegrityError:
+            with self.begin() as conn:
+                replaced = conn.execute(
+                    events.update()
+                    .where(events.c.id == event_id, events.c.ts < ts - dedupe_window)
+                    .values(name=name, data=data, ts=ts)
+                ).rowcount
+            return replaced == 1
+
+    def waits_for(self, name: str, ts: float) -> list[sa.Row[Any]]:
+        """Waits on event ``name`` that began no later than ``ts``."""
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(waits.c.run_id, waits.c.step_id, waits.c.match).where(
+                        waits.c.event == name,
+                        waits.c.since <= ts,
+                        waits.c.expires_at > ts,
+                    )
+                )
+            )
+
+    def events_since(self, name: str, since: float, until: float) -> list[sa.Row[Any]]:
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(events.c.id, events.c.name, events.c.data, events.c.ts)
+                    .where(
+                        events.c.name == name, events.c.ts >= since, events.c.ts < until
+                    )
+                    .order_by(events.c.ts)
+                )
+            )
+
+    def deliver(self, run_id: str, step_id: str, output: str) -> bool:
+        """Complete a waiting step with an event and make its run due now.
+        Returns ``False`` if the step was no longer waiting."""
+        now = _now()
+        with self.begin() as conn:
+            done = conn.execute(
+                steps.update()
+                .where(
+                    steps.c.run_id == run_id,
+                    steps.c.step_id == step_id,
+                    steps.c.status == "waiting",
+                )
+                .values(status="completed", output=output, finished_at=now, due_at=None)
+            ).rowcount
+            if done != 1:
+                return False
+            conn.execute(
+                waits.delete().where(
+                    waits.c.run_id == run_id, waits.c.step_id == step_id
+                )
+            )
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.due_at.is_not(None))
+                .values(
+                    due_at=now,
+                    version=runs.c.version + 1,
+                    updated_at=now,
+                    status=sa.case(
+                        (runs.c.status == "running", "running"), else_="scheduled"
+                    ),
+                )
+            )
+        return True
+
+    def purge_events(self, older_than: float) -> int:
+        with self.begin() as conn:
+            return conn.execute(
+                events.delete().where(events.c.ts < older_than)
+            ).rowcount
+
+
+_CLAIM_COLUMNS = (
+    runs.c.id,
+    runs.c.version,
+    runs.c.attempt,
+    runs.c.deadline,
+    runs.c.cancel_requested,
+    runs.c.endpoint,
+)

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from werkzeug.serving import make_server
+
+from flask_durable import Durable
+
+FAST_CONFIG: dict[str, Any] = {
+    "DURABLE_RETRY_BACKOFF": 0.05,
+    "DURABLE_RETRY_BACKOFF_MAX": 0.2,
+    "DURABLE_POLL_INTERVAL": 0.2,
+    "DURABLE_WAIT_TIMEOUT": 10,
+    "DURABLE_LEASE_SECONDS": 3,
+}
+
+POSTGRES_URL = os.environ.get("DURABLE_TEST_POSTGRES_URL")
+
+
+def _durable_threads() -> set[threading.Thread]:
+    return {
+        t
+        for t in threading.enumerate()
+        if t.name.startswith(("durable-", "APScheduler"))
+        or "ThreadPoolExecutor" in t.name
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail a test that leaves scheduler threads or pushed contexts behind."""
+    before = _durable_threads()
+    yield
+    from flask.globals import _cv_app, _cv_request
+
+    assert _cv_app.get(None) is None, "an app context was left pushed"
+    assert _cv_request.get(None) is None, "a request context was left pushed"
+    for _ in range(50):
+        left = _durable_threads() - before
+        if not left:
+            break
+        threading.Event().wait(0.1)
+    assert not left, f"threads left behind: {left}"
+
+
+@pytest.fixture
+def db_url(tmp_path: Any) -> str:
+    return f"sqlite:///{tmp_path / 'durable.sqlite3'}"
+
+
+@pytest.fixture
+def make_app(db_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]:
+    """Build apps with flask-durable; shut them all down afterwards."""
+    apps: list[Flask] = []
+
+    def factory(**config: Any) -> Flask:
+        app = Flask("durable_test", instance_path=str(tmp_path / "instance"))
+        app.config.update(
+            SECRET_KEY="test-secret", DURABLE_DATABASE_URI=db_url, **FAST_CONFIG
+        )
+        app.config.update(config)
+        Durable(app)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["durable"].close()
+
+
+class LiveServer:
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, name="durable-test-server", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.get(self.url + path, **kw)
+
+    def post(self, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.post(self.url + path, **kw)
+
+    def request(self, method: str, path: str, **kw: Any) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.request(method, self.url + path, **kw)
+
+
+@pytest.fixture
+def live_server() -> Iterator[Callable[[Flask], LiveServer]]:
+    """Serve an app on loopback with a real threaded server."""
+    servers: list[LiveServer] = []
+
+    def start(app: Flask) -> LiveServer:
+        server = LiveServer(app)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

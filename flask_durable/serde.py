@@ -40,6 +40,7 @@ class _StrictSerializer(TaggedJSONSerializer):
 
     def __init__(self) -> None:
         super().__init__()
+        self.order = [t for t in self.order if t.key != _TagISODateTime.key]
         self.register(_TagISODateTime, force=True)
 
     def dumps(self, value: Any) -> str:

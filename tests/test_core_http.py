@@ -8,19 +8,23 @@ from typing import Any
 import requests
 from flask import Flask, jsonify, request
 
-from flask_durable import NonRetriableError, StepError, current_run, current_step, step
+from flask_durable import (
+    Durable,
+    NonRetriableError,
+    StepError,
+    current_run,
+    current_step,
+    step,
+)
+
+durable = Durable()
 
 
 def build(make_app: Any, **config: Any) -> tuple[Flask, Counter[str]]:
     app = make_app(**config)
     calls: Counter[str] = Counter()
     failures: dict[str, int] = {}
-    durable = app.extensions["durable"]
-    del durable
-
-    from flask_durable.extension import Durable
-
-    ext = Durable.__new__(Durable)  # decorator only needs get_state()
+    ext = durable
 
     def flaky(name: str, times: int) -> str:
         calls[name] += 1
@@ -95,16 +99,17 @@ def test_three_steps_happy_path_no_redirect(make_app: Any, live_server: Any) -> 
     run_id = r.headers["Durable-Run-Id"]
     assert calls == Counter(a=1, b=1, c=1)
     with app.app_context():
-        run = app.extensions["durable"]
-        info = __import__("flask_durable").Durable.get_run(None, run_id)  # type: ignore[arg-type]
+        info = durable.get_run(run_id)
+    assert info is not None
     assert info.status == "completed"
     assert [s.id for s in info.steps] == ["a", "b", "c"]
     assert [s.output for s in info.steps] == [1, 2, 20]
-    assert info.response[0] == 200
-    del run
+    assert info.response is not None and info.response[0] == 200
 
 
-def test_failing_step_retried_from_point_of_failure(make_app: Any, live_server: Any) -> None:
+def test_failing_step_retried_from_point_of_failure(
+    make_app: Any, live_server: Any
+) -> None:
     app, calls = build(make_app)
     server = live_server(app)
     r = server.post("/retry", allow_redirects=False)
@@ -121,7 +126,9 @@ def test_failing_step_retried_from_point_of_failure(make_app: Any, live_server: 
     assert calls["second"] == 3
 
 
-def test_redirect_following_client_gets_final_response(make_app: Any, live_server: Any) -> None:
+def test_redirect_following_client_gets_final_response(
+    make_app: Any, live_server: Any
+) -> None:
     app, calls = build(make_app)
     server = live_server(app)
     r = server.post("/retry")
@@ -133,7 +140,9 @@ def test_redirect_following_client_gets_final_response(make_app: Any, live_serve
 def test_prefer_respond_async(make_app: Any, live_server: Any) -> None:
     app, _ = build(make_app)
     server = live_server(app)
-    r = server.post("/retry", headers={"Prefer": "respond-async"}, allow_redirects=False)
+    r = server.post(
+        "/retry", headers={"Prefer": "respond-async"}, allow_redirects=False
+    )
     assert r.status_code == 202
     body = r.json()
     assert body["run_id"] == r.headers["Durable-Run-Id"]
@@ -141,16 +150,24 @@ def test_prefer_respond_async(make_app: Any, live_server: Any) -> None:
     assert server.get(body["wait_url"]).json()["second"] == "second-ok"
 
 
-def test_non_retriable_raises_step_error_at_once(make_app: Any, live_server: Any) -> None:
+def test_non_retriable_raises_step_error_at_once(
+    make_app: Any, live_server: Any
+) -> None:
     app, calls = build(make_app)
     server = live_server(app)
     r = server.post("/fatal", allow_redirects=False)
     assert r.status_code == 402
-    assert r.json() == {"step": "charge", "type": "NonRetriableError", "msg": "card declined"}
+    assert r.json() == {
+        "step": "charge",
+        "type": "NonRetriableError",
+        "msg": "card declined",
+    }
     assert calls["fatal"] == 1
 
 
-def test_exhausted_retries_fail_the_run_with_500(make_app: Any, live_server: Any) -> None:
+def test_exhausted_retries_fail_the_run_with_500(
+    make_app: Any, live_server: Any
+) -> None:
     app, calls = build(make_app)
     server = live_server(app)
     r = server.post("/exhaust")
@@ -158,9 +175,7 @@ def test_exhausted_retries_fail_the_run_with_500(make_app: Any, live_server: Any
     assert calls["always"] == 2
     run_id = r.headers["Durable-Run-Id"]
     with app.app_context():
-        from flask_durable import Durable
-
-        info = Durable().get_run(run_id)
+        info = durable.get_run(run_id)
     assert info is not None
     assert info.status == "failed"
     assert info.steps[0].status == "failed"
@@ -173,7 +188,10 @@ def test_bodies_replayed_byte_for_byte(make_app: Any, live_server: Any) -> None:
     server = live_server(app)
     raw = bytes(range(256)) * 3
     r = server.request(
-        "PUT", "/echo?x=1&y=%20z", data=raw, headers={"Content-Type": "application/octet-stream"}
+        "PUT",
+        "/echo?x=1&y=%20z",
+        data=raw,
+        headers={"Content-Type": "application/octet-stream"},
     )
     assert r.status_code == 200
     assert bytes.fromhex(r.json()["body"]) == raw
@@ -189,7 +207,9 @@ def test_bodies_replayed_byte_for_byte(make_app: Any, live_server: Any) -> None:
     assert r.json()["ctype"] == "application/json"
 
 
-def test_body_over_limit_is_413_before_any_step(make_app: Any, live_server: Any) -> None:
+def test_body_over_limit_is_413_before_any_step(
+    make_app: Any, live_server: Any
+) -> None:
     app, calls = build(make_app, DURABLE_MAX_REQUEST_BODY=1000)
     server = live_server(app)
     r = server.post("/echo", data=b"x" * 1001)
@@ -208,7 +228,9 @@ def test_repeated_ids_get_their_own_step(make_app: Any, live_server: Any) -> Non
     assert body["key"] == f"{body['run']}:key"
 
 
-def test_tampered_and_unknown_tokens_are_404_json(make_app: Any, live_server: Any) -> None:
+def test_tampered_and_unknown_tokens_are_404_json(
+    make_app: Any, live_server: Any
+) -> None:
     app, _ = build(make_app)
     server = live_server(app)
     r = server.post("/retry", allow_redirects=False)
@@ -222,15 +244,24 @@ def test_tampered_and_unknown_tokens_are_404_json(make_app: Any, live_server: An
     server.get(location)
 
 
-def test_wait_url_redirects_to_itself_while_running(make_app: Any, live_server: Any) -> None:
-    app, _ = build(make_app, DURABLE_WAIT_TIMEOUT=0.3, DURABLE_RETRY_BACKOFF=3, DURABLE_RETRY_BACKOFF_MAX=3)
+def test_wait_url_redirects_to_itself_while_running(
+    make_app: Any, live_server: Any
+) -> None:
+    app, _ = build(
+        make_app,
+        DURABLE_WAIT_TIMEOUT=0.3,
+        DURABLE_RETRY_BACKOFF=3,
+        DURABLE_RETRY_BACKOFF_MAX=3,
+    )
     server = live_server(app)
     r = server.post("/retry", allow_redirects=False)
     location = r.headers["Location"]
     again = server.get(location, allow_redirects=False)
     assert again.status_code == 303
     assert again.headers["Location"] == location
-    polled = server.get(location, headers={"Prefer": "respond-async"}, allow_redirects=False)
+    polled = server.get(
+        location, headers={"Prefer": "respond-async"}, allow_redirects=False
+    )
     assert polled.status_code == 202
     assert polled.headers["Retry-After"]
     assert polled.json()["status"] in ("scheduled", "running")

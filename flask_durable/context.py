@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from werkzeug.local import LocalProxy
 
 from . import signals
-from .errors import StepError, _Cancelled, _LeaseLost
+from .errors import StepError, StepNestingError, _Cancelled, _LeaseLost
 from .serde import dump_json
 from .store import LeaseLost
 
@@ -275,7 +275,7 @@ def get_run_context(what: str) -> RunContext:
             " @durable.endpoint (or in a step.parallel branch of one)."
         ) from None
     if _cv_step.get(None) is not None:
-        raise RuntimeError(
+        raise StepNestingError(
             f"{what} cannot be called inside a step function: steps do not nest."
         )
     return ctx

@@ -71,3 +71,8 @@ class _Cancelled(_Interrupt):
 
 class _LeaseLost(_Interrupt):
     """Another process owns this run now: stop without writing anything."""
+
+
+class StepNestingError(NonRetriableError, RuntimeError):
+    """A ``step`` function was called inside a step function. Steps do not
+    nest; this fails the outer step without retries."""

@@ -117,6 +117,8 @@ class _State:
         self._counter = itertools.count()
         self._owner_prefix = ""
         self.closed = False
+        self._listener: threading.Thread | None = None
+        self._listener_stop = threading.Event()
         _STATES.add(self)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -135,9 +137,28 @@ class _State:
                 self.store.create_all()
                 if self.scheduler_enabled and scheduler is not False:
                     self.scheduler.start()
+                if self.store.is_postgres:
+                    self._start_listener()
                 self._ready_pid = pid
             if scheduler and not self.scheduler.running:
                 self.scheduler.start()
+
+    def _start_listener(self) -> None:
+        """Listen for runs finished or woken by other processes."""
+        self._listener_stop = threading.Event()
+        self._listener = threading.Thread(
+            target=self.store.listen,
+            args=(self._on_notify, self._listener_stop),
+            name="durable-listener",
+            daemon=True,
+        )
+        self._listener.start()
+
+    def _on_notify(self, channel: str, run_id: str) -> None:
+        if channel == self.store.FINISHED_CHANNEL:
+            self.waiters.notify(run_id)
+        elif channel == self.store.WAKE_CHANNEL:
+            self.scheduler.wake_now(run_id)
 
     def after_fork(self) -> None:
         """In a forked child: threads and connections of the parent are
@@ -145,6 +166,7 @@ class _State:
         self._lock = threading.Lock()
         self._ready_pid = None
         self.active.clear()
+        self._listener = None
         self.waiters = _Waiters()
         self.scheduler = Scheduler(self)
         self.store.dispose(close=False)
@@ -154,6 +176,10 @@ class _State:
         self.closed = True
         if self._ready_pid == os.getpid():
             self.scheduler.shutdown()
+            if self._listener is not None:
+                self._listener_stop.set()
+                self._listener.join(5)
+                self._listener = None
         self._ready_pid = None
         self.store.dispose()
 

@@ -210,6 +210,46 @@ class Store:
         """Drop pooled connections (``close=False`` after ``fork()``)."""
         self.engine.dispose(close=close)
 
+    # -- notifications (PostgreSQL LISTEN/NOTIFY) ----------------------------
+
+    #: Channel carrying the ids of runs that just finished.
+    FINISHED_CHANNEL = "durable_finished"
+    #: Channel carrying the ids of runs that became due now (an event came).
+    WAKE_CHANNEL = "durable_wake"
+
+    def _notify(self, conn: Connection, channel: str, payload: str) -> None:
+        """Queue a notification, sent by PostgreSQL when ``conn`` commits."""
+        if self.is_postgres:
+            conn.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": channel, "payload": payload},
+            )
+
+    def listen(
+        self,
+        on_notify: Any,
+        stop: Any,
+        timeout: float = 0.5,
+    ) -> None:
+        """Call ``on_notify(channel, payload)`` for each notification on
+        our channels until ``stop`` (a :class:`threading.Event`) is set.
+        Reconnects after database outages. PostgreSQL only."""
+        import psycopg
+
+        conninfo = self.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        while not stop.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {self.FINISHED_CHANNEL}")
+                    conn.execute(f"LISTEN {self.WAKE_CHANNEL}")
+                    while not stop.is_set():
+                        for note in conn.notifies(timeout=timeout):
+                            on_notify(note.channel, note.payload)
+            except psycopg.Error:
+                stop.wait(1.0)
+
     # -- schema --------------------------------------------------------------
 
     def create_all(self) -> None:
@@ -460,6 +500,7 @@ class Store:
                     raise LeaseLost(run_id)
             self._write_steps(conn, run_id, inserts, updates)
             conn.execute(waits.delete().where(waits.c.run_id == run_id))
+            self._notify(conn, self.FINISHED_CHANNEL, run_id)
 
     # -- claiming ------------------------------------------------------------
 
@@ -711,6 +752,7 @@ class Store:
                     ),
                 )
             )
+            self._notify(conn, self.WAKE_CHANNEL, run_id)
         return True
 
     def purge_events(self, older_than: float) -> int:

@@ -49,6 +49,42 @@ def no_leftovers() -> Iterator[None]:
     assert not left, f"threads left behind: {left}"
 
 
+def _postgres_schema_url(name: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema, used through ``search_path``."""
+    import sqlalchemy as sa
+
+    assert POSTGRES_URL is not None
+    engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    try:
+        sep = "&" if "?" in POSTGRES_URL else "?"
+        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{name}"
+    finally:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
+def any_db_url(request: Any, tmp_path: Any) -> Iterator[str]:
+    """A database URL for each tested backend (PostgreSQL when
+    ``DURABLE_TEST_POSTGRES_URL`` is set)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'durable.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("PostgreSQL tests need DURABLE_TEST_POSTGRES_URL (set by .ci/run)")
+    import uuid
+
+    yield from _postgres_schema_url(f"t_{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture
 def db_url(tmp_path: Any) -> str:
     return f"sqlite:///{tmp_path / 'durable.sqlite3'}"
@@ -115,3 +151,37 @@ def live_server() -> Iterator[Callable[[Flask], LiveServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+# -- multi-process tests (tests/test_processes.py, tests/test_postgres.py) ----
+
+
+@pytest.fixture
+def procs(tmp_path: Any) -> Iterator[Any]:
+    """Start real child processes; every one of them (with its process
+    group) is SIGKILLed at teardown, even when the test failed."""
+    from procs import ProcessManager
+
+    manager = ProcessManager(tmp_path)
+    try:
+        yield manager
+    finally:
+        manager.kill_all()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test, dropped afterwards.
+    Skips when DURABLE_TEST_POSTGRES_URL is not set."""
+    from procs import create_database, drop_database
+
+    if not POSTGRES_URL:
+        pytest.skip(
+            "DURABLE_TEST_POSTGRES_URL is not set (e.g."
+            " postgresql+psycopg://postgres@127.0.0.1:5432/postgres)"
+        )
+    url = create_database(POSTGRES_URL)
+    try:
+        yield url
+    finally:
+        drop_database(url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 import requests
 from flask import Flask, jsonify, request
 
@@ -18,6 +19,12 @@ from flask_durable import (
 )
 
 durable = Durable()
+
+
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_db_url
 
 
 def build(make_app: Any, **config: Any) -> tuple[Flask, Counter[str]]:

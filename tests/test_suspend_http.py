@@ -9,11 +9,20 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from flask import Flask, jsonify, request
 
 from flask_durable import Durable, StepError, current_run, step
 
 durable = Durable()
+
+
+@pytest.fixture
+def db_url(any_db_url: str) -> str:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return any_db_url
+
+
 EVENT_KEY = "s3cret-event-key"
 
 

@@ -129,8 +129,10 @@ class RunContext:
         deadline: float | None,
         records: list[StepRecord],
         new_run: dict[str, Any] | None,
+        async_checkpoints: bool = False,
     ) -> None:
         self.state = state
+        self.async_checkpoints = async_checkpoints
         self.id = run_id
         self.endpoint = endpoint
         self.owner = owner
@@ -173,6 +175,8 @@ class RunContext:
         if self.cancel_reason is None and self.deadline is not None:
             if time.time() >= self.deadline:
                 self.cancel_reason = "timeout"
+        if self.cancel_reason == "lost":
+            raise _LeaseLost(self.id)
         if self.cancel_reason is not None:
             raise _Cancelled(self.cancel_reason)
 
@@ -213,12 +217,25 @@ class RunContext:
                     self.state_size = size
             self.pending.pop(rec.step_id, None)
             inserts, updates = self._split([rec])
-            try:
-                self.state.store.write_steps(
-                    self.id, self.owner, inserts, updates, new_run=self.new_run
+            if self.async_checkpoints:
+                self.state.writer.submit(
+                    self,
+                    {
+                        "kind": "checkpoint",
+                        "run_id": self.id,
+                        "owner": self.owner,
+                        "inserts": inserts,
+                        "updates": updates,
+                        "new_run": self.new_run,
+                    },
                 )
-            except LeaseLost:
-                raise _LeaseLost(self.id) from None
+            else:
+                try:
+                    self.state.store.write_steps(
+                        self.id, self.owner, inserts, updates, new_run=self.new_run
+                    )
+                except LeaseLost:
+                    raise _LeaseLost(self.id) from None
             self.new_run = None
             self.stored.add(rec.step_id)
             self.memo[rec.step_id] = rec

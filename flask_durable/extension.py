@@ -34,6 +34,8 @@ _DEFAULTS: dict[str, Any] = {
     "DURABLE_WORKERS": 8,
     "DURABLE_MAX_PARALLEL": 16,
     "DURABLE_CHECKPOINT": "sync",
+    "DURABLE_CHECKPOINT_BATCH": 256,
+    "DURABLE_CHECKPOINT_INTERVAL": 0.002,
     "DURABLE_SQLITE_SYNCHRONOUS": "NORMAL",
     "DURABLE_EVENT_KEY": None,
     "DURABLE_SECRET_KEY": None,
@@ -52,6 +54,7 @@ class EndpointOptions:
     retries: int | None = None
     id: str | None = None
     timeout_seconds: float | None = None
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,10 @@ class Durable:
         ``DURABLE_CHECKPOINT``
             ``"sync"`` (commit each step before ``step.run`` returns) or
             ``"async"``.
+        ``DURABLE_CHECKPOINT_BATCH`` / ``DURABLE_CHECKPOINT_INTERVAL``
+            Async mode: checkpoints committed per transaction at most
+            (``256``) and seconds the writer waits to fill a batch
+            (``0.002``).
         ``DURABLE_SQLITE_SYNCHRONOUS``
             ``PRAGMA synchronous`` for SQLite: ``"NORMAL"`` (default; WAL
             keeps the database consistent, a power loss may lose the last
@@ -196,6 +203,7 @@ class Durable:
         retries: int | None = None,
         id: str | None = None,
         timeout: Duration | None = None,
+        checkpoint: str | None = None,
     ) -> Callable[[F], F]: ...
 
     def endpoint(
@@ -205,6 +213,7 @@ class Durable:
         retries: int | None = None,
         id: str | None = None,
         timeout: Duration | None = None,
+        checkpoint: str | None = None,
     ) -> F | Callable[[F], F]:
         """Make a view durable. Use bare or with options::
 
@@ -217,7 +226,13 @@ class Durable:
             name); keep it when renaming the view.
         :param timeout: cancel the run if it has not finished after this
             long; waiters get ``504``.
+        :param checkpoint: ``"sync"`` or ``"async"`` for this endpoint
+            (default ``DURABLE_CHECKPOINT``).
         """
+        if checkpoint not in (None, "sync", "async"):
+            raise ValueError(
+                f"checkpoint must be 'sync' or 'async', not {checkpoint!r}"
+            )
         if retries is not None and (
             isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
         ):
@@ -228,6 +243,7 @@ class Durable:
             retries=retries,
             id=id,
             timeout_seconds=None if timeout is None else parse_duration(timeout),
+            checkpoint=checkpoint,
         )
 
         def decorator(view: F) -> F:

@@ -188,7 +188,7 @@ def replay(state: _State, claim: dict[str, Any]) -> None:
         # reported the error.
         log.debug("replay of run %s raised", run_id, exc_info=True)
         return
-    if CONTEXT_KEY not in environ:
+    if "context" not in claim:
         # The request no longer reaches a durable view (route removed, a
         # before_request hook answered): that answer is the run's last.
         log.warning(

@@ -31,6 +31,7 @@ from .replay import CONTEXT_KEY, REPLAY_KEY, capture_request, encode_response, r
 from .scheduler import Scheduler
 from .serde import dump_json, dump_value
 from .store import TERMINAL_STATUSES, LeaseLost, Store
+from .writer import CheckpointWriter
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -107,6 +108,11 @@ class _State:
         self.max_request_body = _int(config, "DURABLE_MAX_REQUEST_BODY", 0)
         self.max_parallel = _int(config, "DURABLE_MAX_PARALLEL", 1)
         self.workers = _int(config, "DURABLE_WORKERS", 1)
+        self.writer = CheckpointWriter(
+            self.store,
+            _int(config, "DURABLE_CHECKPOINT_BATCH", 1),
+            _float(config, "DURABLE_CHECKPOINT_INTERVAL", 0),
+        )
         self._secret = config["DURABLE_SECRET_KEY"] or app.secret_key
         self._signer: Signer | None = None
         self.active: dict[str, RunContext] = {}
@@ -169,11 +175,15 @@ class _State:
         self._listener = None
         self.waiters = _Waiters()
         self.scheduler = Scheduler(self)
+        self.writer = CheckpointWriter(
+            self.store, self.writer.batch, self.writer.interval
+        )
         self.store.dispose(close=False)
 
     def close(self) -> None:
         """Stop the scheduler and close the database connections."""
         self.closed = True
+        self.writer.stop()
         if self._ready_pid == os.getpid():
             self.scheduler.shutdown()
             if self._listener is not None:
@@ -236,8 +246,12 @@ class _State:
                 deadline=claim["deadline"],
                 records=records,
                 new_run=None,
+                async_checkpoints=self._async(options),
             )
         environ[CONTEXT_KEY] = ctx
+        if claim is not None:
+            # The environ is copied on its way in; the claim dict is shared.
+            claim["context"] = ctx
         self.active[ctx.id] = ctx
         token = _cv_run.set(ctx)
         try:
@@ -259,6 +273,10 @@ class _State:
             _cv_run.reset(token)
         ctx.outcome = "completed"
         return rv
+
+    def _async(self, options: EndpointOptions) -> bool:
+        mode = options.checkpoint or self.checkpoint_mode
+        return mode == "async"
 
     def _retries(self, options: EndpointOptions) -> int:
         return self.retries if options.retries is None else options.retries
@@ -344,6 +362,7 @@ class _State:
             deadline=row["deadline"],
             records=[],
             new_run=new_run,
+            async_checkpoints=self._async(options),
         )
         if signals.run_started.receivers:
             signals.run_started.send(self.app, run_id=run_id, endpoint=endpoint)
@@ -375,6 +394,8 @@ class _State:
             due = min(due, ctx.deadline)
         inserts, updates, new_waits = ctx.take_pending()
         try:
+            if ctx.async_checkpoints:
+                self.writer.flush()
             due = self.store.suspend(
                 ctx.id,
                 ctx.owner,
@@ -429,6 +450,24 @@ class _State:
         """Store a run's final response (called by the capture middleware)."""
         status = ctx.outcome or "failed"
         inserts, updates, _ = ctx.take_pending()
+        if ctx.async_checkpoints:
+            self.writer.submit(
+                ctx,
+                {
+                    "kind": "finish",
+                    "run_id": ctx.id,
+                    "owner": ctx.owner,
+                    "status": status,
+                    "response": response,
+                    "error": ctx.error,
+                    "new_run": ctx.new_run,
+                    "inserts": inserts,
+                    "updates": updates,
+                    "after": lambda: self._finished_async(ctx, status),
+                },
+            )
+            ctx.new_run = None
+            return
         try:
             self.store.finish(
                 ctx.id,
@@ -446,6 +485,10 @@ class _State:
         finally:
             self.active.pop(ctx.id, None)
         ctx.new_run = None
+        self._finished(ctx.id, ctx.endpoint, status)
+
+    def _finished_async(self, ctx: RunContext, status: str) -> None:
+        self.active.pop(ctx.id, None)
         self._finished(ctx.id, ctx.endpoint, status)
 
     def finish_detached(

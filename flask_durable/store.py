@@ -476,6 +476,24 @@ class Store:
 
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
+        with self.begin() as conn:
+            if not self._finish(
+                conn, run_id, owner, status, response, error, new_run, inserts, updates
+            ):
+                raise LeaseLost(run_id)
+
+    def _finish(
+        self,
+        conn: Connection,
+        run_id: str,
+        owner: str,
+        status: str,
+        response: bytes,
+        error: str | None,
+        new_run: dict[str, Any] | None,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+    ) -> bool:
         now = _now()
         final = {
             "status": status,
@@ -487,20 +505,61 @@ class Store:
             "lease_owner": None,
             "lease_expires_at": None,
         }
+        if new_run is not None:
+            conn.execute(runs.insert(), dict(new_run, **final))
+        else:
+            done = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                .values(**final)
+            ).rowcount
+            if done != 1:
+                return False
+        self._write_steps(conn, run_id, inserts, updates)
+        conn.execute(waits.delete().where(waits.c.run_id == run_id))
+        self._notify(conn, self.FINISHED_CHANNEL, run_id)
+        return True
+
+    def write_batch(self, items: Sequence[dict[str, Any]]) -> set[str]:
+        """Commit queued checkpoints and final responses of many runs in one
+        transaction (async checkpoint mode). Items of a run whose lease is
+        lost are skipped; their run ids are returned."""
+        lost: set[str] = set()
+        fenced: set[str] = set()
+        now = _now()
         with self.begin() as conn:
-            if new_run is not None:
-                conn.execute(runs.insert(), dict(new_run, **final))
-            else:
-                done = conn.execute(
-                    runs.update()
-                    .where(runs.c.id == run_id, runs.c.lease_owner == owner)
-                    .values(**final)
-                ).rowcount
-                if done != 1:
-                    raise LeaseLost(run_id)
-            self._write_steps(conn, run_id, inserts, updates)
-            conn.execute(waits.delete().where(waits.c.run_id == run_id))
-            self._notify(conn, self.FINISHED_CHANNEL, run_id)
+            for item in items:
+                run_id = item["run_id"]
+                if run_id in lost:
+                    continue
+                if item["kind"] == "finish":
+                    if not self._finish(
+                        conn,
+                        run_id,
+                        item["owner"],
+                        item["status"],
+                        item["response"],
+                        item["error"],
+                        item["new_run"],
+                        item["inserts"],
+                        item["updates"],
+                    ):
+                        lost.add(run_id)
+                    continue
+                if item["new_run"] is not None:
+                    conn.execute(runs.insert(), item["new_run"])
+                elif run_id not in fenced:
+                    done = conn.execute(
+                        runs.update()
+                        .where(runs.c.id == run_id, runs.c.lease_owner == item["owner"])
+                        .values(updated_at=now)
+                    ).rowcount
+                    if done != 1:
+                        lost.add(run_id)
+                        continue
+                fenced.add(run_id)
+                self._write_steps(conn, run_id, item["inserts"], item["updates"])
+        return lost
 
     # -- claiming ------------------------------------------------------------
 

@@ -37,6 +37,7 @@ _DEFAULTS: dict[str, Any] = {
     "DURABLE_CHECKPOINT_BATCH": 256,
     "DURABLE_CHECKPOINT_INTERVAL": 0.002,
     "DURABLE_SQLITE_SYNCHRONOUS": "NORMAL",
+    "DURABLE_SQLITE_BUSY_TIMEOUT": 30.0,
     "DURABLE_EVENT_KEY": None,
     "DURABLE_SECRET_KEY": None,
     "DURABLE_IDEMPOTENCY_TTL": 86400,
@@ -156,6 +157,9 @@ class Durable:
             ``PRAGMA synchronous`` for SQLite: ``"NORMAL"`` (default; WAL
             keeps the database consistent, a power loss may lose the last
             commits) or ``"FULL"``.
+        ``DURABLE_SQLITE_BUSY_TIMEOUT``
+            Seconds a SQLite writer waits for the lock before the request
+            fails with ``503`` (``30``).
         ``DURABLE_EVENT_KEY``
             Bearer key of ``POST <prefix>/events``; the route answers 404
             without one.
@@ -184,7 +188,7 @@ class Durable:
         from .views import blueprint
 
         app.register_blueprint(blueprint, url_prefix=state.url_prefix)
-        app.before_request(state.ensure_ready)
+        app.before_request(state.ensure_ready_quietly)
         from .cli import durable_cli
 
         if not any(cmd is durable_cli for cmd in app.cli.commands.values()):

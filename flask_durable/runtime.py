@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, jsonify, request, url_for
 from itsdangerous import BadSignature, Signer
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import signals
@@ -64,6 +65,19 @@ def json_response(
     return response
 
 
+def unavailable(error: Exception, run_id: str | None = None) -> Response:
+    """``503`` for a database that cannot be reached right now."""
+    log.warning("flask-durable database unavailable: %s", error)
+    response = json_response(
+        503,
+        run_id,
+        error="the durable store is unavailable; retry shortly",
+        **({"run_id": run_id} if run_id else {}),
+    )
+    response.headers["Retry-After"] = "2"
+    return response
+
+
 def prefers_async(header: str | None) -> bool:
     """Whether a ``Prefer`` header (RFC 7240) asks for ``respond-async``."""
     if not header:
@@ -88,6 +102,7 @@ class _State:
             uri,
             config["DURABLE_ENGINE_OPTIONS"],
             config["DURABLE_SQLITE_SYNCHRONOUS"],
+            _float(config, "DURABLE_SQLITE_BUSY_TIMEOUT", 0),
         )
         self.url_prefix: str = config["DURABLE_URL_PREFIX"]
         self.retries = _int(config, "DURABLE_RETRIES", 0)
@@ -148,6 +163,16 @@ class _State:
                 self._ready_pid = pid
             if scheduler and not self.scheduler.running:
                 self.scheduler.start()
+
+    def ensure_ready_quietly(self) -> None:
+        """``before_request`` hook: start the scheduler on the first request
+        of a process, without failing requests that do not use it."""
+        if self._ready_pid == os.getpid():
+            return
+        try:
+            self.ensure_ready()
+        except DBAPIError as e:
+            log.warning("flask-durable could not start yet: %s", e)
 
     def _start_listener(self) -> None:
         """Listen for runs finished or woken by other processes."""
@@ -223,11 +248,17 @@ class _State:
         self, view: Callable[..., Any], options: EndpointOptions, args: Any, kwargs: Any
     ) -> Any:
         """Run a durable view for a new request or a replay."""
-        self.ensure_ready()
+        try:
+            self.ensure_ready()
+        except DBAPIError as e:
+            return unavailable(e)
         environ = request.environ
         claim = environ.get(REPLAY_KEY)
         if claim is None:
-            started = self._start(options)
+            try:
+                started = self._start(options)
+            except DBAPIError as e:
+                return unavailable(e)
             if isinstance(started, Response):
                 return started
             ctx = started
@@ -265,6 +296,13 @@ class _State:
             ctx.outcome = "lost"
             self.active.pop(ctx.id, None)
             return json_response(409, ctx.id, error="lease lost", run_id=ctx.id)
+        except DBAPIError as e:
+            # Our database is unreachable: nothing is lost (what was committed
+            # stays, a stored run is resumed once its lease expires); tell the
+            # client to come back.
+            ctx.outcome = "lost"
+            self.active.pop(ctx.id, None)
+            return unavailable(e, ctx.id)
         except BaseException as e:
             ctx.outcome = "failed"
             ctx.error = f"{type(e).__name__}: {e}"
@@ -481,6 +519,11 @@ class _State:
             )
         except LeaseLost:
             log.warning("run %s: lease lost before its response was stored", ctx.id)
+            return
+        except DBAPIError as e:
+            # The client still gets the response; the run keeps its lease
+            # and is replayed (steps memoized) to store it once it expires.
+            log.warning("run %s: final response not stored: %s", ctx.id, e)
             return
         finally:
             self.active.pop(ctx.id, None)

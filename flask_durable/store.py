@@ -133,6 +133,7 @@ class Store:
     :param url: a SQLAlchemy URL.
     :param engine_options: extra keyword arguments for
         :func:`sqlalchemy.create_engine`.
+    :param sqlite_busy_timeout: seconds a SQLite writer waits for the lock.
     :param sqlite_synchronous: ``PRAGMA synchronous`` for SQLite
         (``"NORMAL"`` or ``"FULL"``).
     """
@@ -142,6 +143,7 @@ class Store:
         url: str,
         engine_options: dict[str, Any] | None = None,
         sqlite_synchronous: str = "NORMAL",
+        sqlite_busy_timeout: float = 30.0,
     ) -> None:
         options = dict(engine_options or {})
         sa_url = sa.engine.make_url(url)
@@ -169,12 +171,12 @@ class Store:
                 raise ValueError(
                     f"bad DURABLE_SQLITE_SYNCHRONOUS: {sqlite_synchronous!r}"
                 )
-            self._setup_sqlite(sync)
+            self._setup_sqlite(sync, int(sqlite_busy_timeout * 1000))
         self._read = self.engine.execution_options(durable_readonly=True)
 
     # -- connections --------------------------------------------------------
 
-    def _setup_sqlite(self, synchronous: str) -> None:
+    def _setup_sqlite(self, synchronous: str, busy_ms: int) -> None:
         @sa_event.listens_for(self.engine, "connect")
         def _on_connect(dbapi_conn: Any, record: Any) -> None:
             # Take transaction control away from the sqlite3 module so that
@@ -184,7 +186,7 @@ class Store:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.close()
 
         @sa_event.listens_for(self.engine, "begin")

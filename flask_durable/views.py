@@ -8,11 +8,23 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, request
+from sqlalchemy.exc import DBAPIError
 
-from .runtime import get_state, json_response, prefers_async, stored_response
+from .runtime import (
+    get_state,
+    json_response,
+    prefers_async,
+    stored_response,
+    unavailable,
+)
 from .store import TERMINAL_STATUSES
 
 blueprint = Blueprint("durable", __name__)
+
+
+@blueprint.errorhandler(DBAPIError)
+def _database_unavailable(error: DBAPIError) -> Response:
+    return unavailable(error)
 
 
 @blueprint.get("/wait/<token>")

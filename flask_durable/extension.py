@@ -168,11 +168,14 @@ class Durable:
             key kept in the database.
         ``DURABLE_IDEMPOTENCY_TTL``
             Seconds an ``Idempotency-Key`` is remembered (``86400``).
-        ``DURABLE_MAX_STEPS``, ``DURABLE_MAX_STEP_OUTPUT``,
-        ``DURABLE_MAX_RUN_STATE``, ``DURABLE_MAX_REQUEST_BODY``
-            Limits: steps per run (``1000``), bytes of one step's stored
-            output (4 MiB), of all of a run's outputs (32 MiB), of a request
-            body (1 MiB).
+        ``DURABLE_MAX_STEPS``
+            Steps per run at most (``1000``).
+        ``DURABLE_MAX_STEP_OUTPUT``
+            Bytes of one step's stored output at most (4 MiB).
+        ``DURABLE_MAX_RUN_STATE``
+            Bytes of all of a run's stored outputs at most (32 MiB).
+        ``DURABLE_MAX_REQUEST_BODY``
+            Bytes of a request body at most (1 MiB); larger is ``413``.
 
         :raises RuntimeError: if ``app`` already has flask-durable.
         """
@@ -291,7 +294,7 @@ class Durable:
     def get_run(self, run_id: str) -> RunInfo | None:
         """A read-only view of a run, or ``None`` if unknown."""
         state = get_state()
-        state.ensure_ready()
+        state.ensure_schema()
         row = state.store.get_run(run_id)
         if row is None:
             return None

@@ -135,6 +135,7 @@ class _State:
         self.scheduler = Scheduler(self)
         self._lock = threading.Lock()
         self._ready_pid: int | None = None
+        self._schema_pid: int | None = None
         self._counter = itertools.count()
         self._owner_prefix = ""
         self.closed = False
@@ -144,18 +145,31 @@ class _State:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def ensure_ready(self, *, scheduler: bool | None = None) -> None:
-        """Create the tables and start the scheduler, once per process."""
-        if self._ready_pid == os.getpid() and not scheduler:
+    def ensure_schema(self) -> None:
+        """Create the tables once per process, without starting threads
+        (what ``send``, ``cancel`` and ``get_run`` need in a shell or a
+        one-off script)."""
+        if self._schema_pid == os.getpid():
             return
         with self._lock:
             pid = os.getpid()
             if self.closed:
                 raise RuntimeError("flask-durable was shut down for this app")
-            if self._ready_pid != pid:
+            if self._schema_pid != pid:
                 host = socket.gethostname()[:20]
                 self._owner_prefix = f"{host}:{pid}:{secrets.token_hex(3)}"
                 self.store.create_all()
+                self._schema_pid = pid
+
+    def ensure_ready(self, *, scheduler: bool | None = None) -> None:
+        """Create the tables and start the scheduler (and the PostgreSQL
+        listener), once per process."""
+        if self._ready_pid == os.getpid() and not scheduler:
+            return
+        self.ensure_schema()
+        with self._lock:
+            pid = os.getpid()
+            if self._ready_pid != pid:
                 if self.scheduler_enabled and scheduler is not False:
                     self.scheduler.start()
                 if self.store.is_postgres:
@@ -196,6 +210,7 @@ class _State:
         gone; start afresh on first use."""
         self._lock = threading.Lock()
         self._ready_pid = None
+        self._schema_pid = None
         self.active.clear()
         self._listener = None
         self.waiters = _Waiters()
@@ -572,7 +587,7 @@ class _State:
 
     def cancel(self, run_id: str) -> bool:
         """See :meth:`flask_durable.Durable.cancel`."""
-        self.ensure_ready()
+        self.ensure_schema()
         ctx = self.active.get(run_id)
         if ctx is not None:
             ctx.request_cancel()
@@ -589,7 +604,7 @@ class _State:
 
     def send(self, name: str, data: Any = None, event_id: str | None = None) -> str:
         """See :meth:`flask_durable.Durable.send`."""
-        self.ensure_ready()
+        self.ensure_schema()
         if not isinstance(name, str) or not name or len(name) > 255:
             raise ValueError("an event name must be a string of 1 to 255 characters")
         if event_id is None:

@@ -13,6 +13,7 @@ therefore serves the sweeper, however many finished runs the table holds.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -173,6 +174,7 @@ class Store:
                 )
             self._setup_sqlite(sync, int(sqlite_busy_timeout * 1000))
         self._read = self.engine.execution_options(durable_readonly=True)
+        self._prepare_hot_sql()
 
     # -- connections --------------------------------------------------------
 
@@ -195,6 +197,90 @@ class Store:
                 conn.exec_driver_sql("BEGIN")
             else:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # -- the hot path: plain DB-API, SQL built once ---------------------------
+
+    def _prepare_hot_sql(self) -> None:
+        """Checkpoints and final responses are written on every request;
+        they skip SQLAlchemy's statement machinery (about 4x cheaper)."""
+
+        def sql(text: str) -> str:
+            if self.is_sqlite:  # sqlite3 takes :name parameters natively
+                return text
+            return re.sub(r":(\w+)", r"%(\1)s", text)
+
+        run_cols = [c.name for c in runs.columns]
+        step_cols = [c.name for c in steps.columns]
+        self._run_cols = run_cols
+        self._sql_insert_run = sql(
+            f"INSERT INTO durable_runs ({', '.join(run_cols)})"
+            f" VALUES ({', '.join(':' + c for c in run_cols)})"
+        )
+        self._sql_insert_step = sql(
+            f"INSERT INTO durable_steps ({', '.join(step_cols)})"
+            f" VALUES ({', '.join(':' + c for c in step_cols)})"
+        )
+        settable = [c for c in step_cols if c not in ("run_id", "step_id")]
+        self._sql_update_step = sql(
+            f"UPDATE durable_steps SET {', '.join(f'{c} = :{c}' for c in settable)}"
+            " WHERE run_id = :run_id AND step_id = :step_id"
+        )
+        self._sql_fence = sql(
+            "UPDATE durable_runs SET updated_at = :now"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_finish = sql(
+            "UPDATE durable_runs SET status = :status, response = :response,"
+            " error = :error, finished_at = :now, updated_at = :now, due_at = NULL,"
+            " lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_delete_waits = sql("DELETE FROM durable_waits WHERE run_id = :id")
+        self._sql_notify = sql("SELECT pg_notify(:channel, :payload)")
+        self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
+
+    @contextmanager
+    def _raw(self) -> Iterator[Any]:
+        """A write transaction on a pooled DB-API connection. Driver errors
+        come out as :class:`sqlalchemy.exc.DBAPIError`, like Core's."""
+        conn = self.engine.raw_connection()
+        cur = None
+        try:
+            cur = conn.cursor()
+            if self.is_sqlite:
+                cur.execute("BEGIN IMMEDIATE")
+            yield cur
+            conn.commit()
+        except self._dbapi_error as e:
+            cur = None
+            conn.invalidate(e)
+            raise sa.exc.DBAPIError.instance(
+                None, None, e, self._dbapi_error, dialect=self.engine.dialect
+            ) from e
+        except BaseException:
+            conn.rollback()
+            raise
+        finally:
+            if cur is not None:
+                cur.close()
+            conn.close()
+
+    def _raw_steps(
+        self,
+        cur: Any,
+        run_id: str,
+        inserts: Sequence[dict[str, Any]],
+        updates: Sequence[dict[str, Any]],
+    ) -> None:
+        for row in inserts:
+            cur.execute(self._sql_insert_step, dict(row, run_id=run_id))
+        for row in updates:
+            cur.execute(self._sql_update_step, dict(row, run_id=run_id))
+
+    def _raw_insert_run(self, cur: Any, row: dict[str, Any]) -> None:
+        params = dict.fromkeys(self._run_cols)
+        params.update(row)
+        cur.execute(self._sql_insert_run, params)
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -370,12 +456,14 @@ class Store:
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
         now = _now()
-        with self.begin() as conn:
+        with self._raw() as cur:
             if new_run is not None:
-                conn.execute(runs.insert(), new_run)
+                self._raw_insert_run(cur, new_run)
             else:
-                self._fence(conn, run_id, owner, now)
-            self._write_steps(conn, run_id, inserts, updates)
+                cur.execute(self._sql_fence, {"now": now, "id": run_id, "owner": owner})
+                if cur.rowcount != 1:
+                    raise LeaseLost(run_id)
+            self._raw_steps(cur, run_id, inserts, updates)
 
     def _write_steps(
         self,
@@ -473,16 +561,50 @@ class Store:
         new_run: dict[str, Any] | None = None,
         inserts: Sequence[dict[str, Any]] = (),
         updates: Sequence[dict[str, Any]] = (),
+        waits_possible: bool = True,
     ) -> None:
         """Store a run's final response and make it terminal.
 
+        :param waits_possible: ``False`` when the run never waited for an
+            event (no wait rows to delete).
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
-        with self.begin() as conn:
-            if not self._finish(
-                conn, run_id, owner, status, response, error, new_run, inserts, updates
-            ):
-                raise LeaseLost(run_id)
+        now = _now()
+        with self._raw() as cur:
+            if new_run is not None:
+                final = {
+                    "status": status,
+                    "response": response,
+                    "error": error,
+                    "finished_at": now,
+                    "updated_at": now,
+                    "due_at": None,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                }
+                self._raw_insert_run(cur, dict(new_run, **final))
+            else:
+                cur.execute(
+                    self._sql_finish,
+                    {
+                        "status": status,
+                        "response": response,
+                        "error": error,
+                        "now": now,
+                        "id": run_id,
+                        "owner": owner,
+                    },
+                )
+                if cur.rowcount != 1:
+                    raise LeaseLost(run_id)
+                if waits_possible:
+                    cur.execute(self._sql_delete_waits, {"id": run_id})
+            self._raw_steps(cur, run_id, inserts, updates)
+            if self.is_postgres:
+                cur.execute(
+                    self._sql_notify,
+                    {"channel": self.FINISHED_CHANNEL, "payload": run_id},
+                )
 
     def _finish(
         self,

@@ -336,3 +336,16 @@ def test_replay_marker_cannot_be_sent_by_a_client(make_app: Any) -> None:
         "/", headers={"Flask-Durable-Replay": "1", "X-Flask-Durable.Replay": "1"}
     )
     assert r.json == {"replay": False}
+
+
+def test_api_calls_outside_requests_start_no_threads(make_app: Any) -> None:
+    import threading
+
+    app = make_app()
+    before = set(threading.enumerate())
+    with app.app_context():
+        event_id = durable.send("some/event", {"a": 1})
+        assert durable.get_run("0" * 32) is None
+        assert durable.cancel("0" * 32) is False
+    assert isinstance(event_id, str)
+    assert set(threading.enumerate()) - before == set()

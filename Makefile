@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q matplotlib
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+docs: $(STAMP)
+	$(BIN)/pip install -q -r docs/requirements.txt
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

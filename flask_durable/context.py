@@ -151,6 +151,8 @@ class RunContext:
         self.pending: dict[str, StepRecord] = {}
         self.pending_waits: list[dict[str, Any]] = []
         self.cancel_reason: str | None = None
+        #: Whether this execution registered a wait (rows to clean up).
+        self.waited = False
         self.outcome: str | None = None
         self.error: str | None = None
 
@@ -240,10 +242,11 @@ class RunContext:
             self.stored.add(rec.step_id)
             self.memo[rec.step_id] = rec
         if rec.status == "completed":
-            signals.step_completed.send(
-                self.state.app, run_id=self.id, step_id=rec.step_id
-            )
-        else:
+            if signals.step_completed.receivers:
+                signals.step_completed.send(
+                    self.state.app, run_id=self.id, step_id=rec.step_id
+                )
+        elif signals.step_failed.receivers:
             signals.step_failed.send(
                 self.state.app, run_id=self.id, step_id=rec.step_id, final=True
             )
@@ -256,10 +259,13 @@ class RunContext:
             self.memo[rec.step_id] = rec
             if wait is not None:
                 self.pending_waits.append(wait)
+                self.waited = True
 
     def take_pending(
         self,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        if not self.pending and not self.pending_waits:
+            return [], [], []
         with self.lock:
             records = list(self.pending.values())
             waits = self.pending_waits

@@ -531,6 +531,7 @@ class _State:
                 new_run=ctx.new_run,
                 inserts=inserts,
                 updates=updates,
+                waits_possible=ctx.is_replay or ctx.waited,
             )
         except LeaseLost:
             log.warning("run %s: lease lost before its response was stored", ctx.id)

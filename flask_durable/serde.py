@@ -43,10 +43,25 @@ class _StrictSerializer(TaggedJSONSerializer):
         self.order = [t for t in self.order if t.key != _TagISODateTime.key]
         self.register(_TagISODateTime, force=True)
 
+    def fast_tag(self, value: Any) -> Any:
+        """:meth:`tag` with a fast path for plain JSON types (the common
+        case); anything else goes through Flask's tags."""
+        kind = type(value)
+        if kind is str or kind is int or kind is float or kind is bool or value is None:
+            return value
+        if kind is list:
+            return [self.fast_tag(item) for item in value]
+        if kind is dict and not (len(value) == 1 and next(iter(value)) in self.tags):
+            fast = self.fast_tag
+            return {k: fast(v) for k, v in value.items()}
+        return self.tag(value)
+
     def dumps(self, value: Any) -> str:
-        return _dumps(self.tag(value))
+        return _dumps(self.fast_tag(value))
 
     def loads(self, value: str | bytes) -> Any:
+        if isinstance(value, str) and '{" ' not in value:
+            return _loads(value)  # nothing tagged: no per-object hook
         return _loads(value, object_hook=self.untag)
 
 

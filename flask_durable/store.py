@@ -82,6 +82,7 @@ steps = sa.Table(
     sa.Column("due_at", sa.Float),
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float),
+    sqlite_with_rowid=False,
 )
 
 waits = sa.Table(
@@ -225,6 +226,19 @@ class Store:
             f"UPDATE durable_steps SET {', '.join(f'{c} = :{c}' for c in settable)}"
             " WHERE run_id = :run_id AND step_id = :step_id"
         )
+        owned = (
+            " EXISTS (SELECT 1 FROM durable_runs"
+            " WHERE id = :run_id AND lease_owner = :owner)"
+        )
+        # SQLite only (PostgreSQL would type the bare parameters as text).
+        self._sql_insert_step_fenced = (
+            f"INSERT INTO durable_steps ({', '.join(step_cols)})"
+            f" SELECT {', '.join(':' + c for c in step_cols)} WHERE{owned}"
+        )
+        self._sql_update_step_fenced = sql(
+            f"UPDATE durable_steps SET {', '.join(f'{c} = :{c}' for c in settable)}"
+            f" WHERE run_id = :run_id AND step_id = :step_id AND{owned}"
+        )
         self._sql_fence = sql(
             "UPDATE durable_runs SET updated_at = :now"
             " WHERE id = :id AND lease_owner = :owner"
@@ -240,17 +254,22 @@ class Store:
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
 
     @contextmanager
-    def _raw(self) -> Iterator[Any]:
+    def _raw(self, single: bool = False) -> Iterator[Any]:
         """A write transaction on a pooled DB-API connection. Driver errors
-        come out as :class:`sqlalchemy.exc.DBAPIError`, like Core's."""
+        come out as :class:`sqlalchemy.exc.DBAPIError`, like Core's.
+
+        :param single: the transaction is one statement; SQLite runs it in
+            autocommit mode, which is atomic on its own.
+        """
         conn = self.engine.raw_connection()
         cur = None
         try:
             cur = conn.cursor()
-            if self.is_sqlite:
+            if self.is_sqlite and not single:
                 cur.execute("BEGIN IMMEDIATE")
             yield cur
-            conn.commit()
+            if not (single and self.is_sqlite):
+                conn.commit()
         except self._dbapi_error as e:
             cur = None
             conn.invalidate(e)
@@ -455,6 +474,21 @@ class Store:
             inserted with its first checkpoint).
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
+        if new_run is None and len(inserts) + len(updates) == 1:
+            # One fenced statement: the step is written only if we still hold
+            # the run's lease.
+            if inserts:
+                sql = self._sql_insert_step_fenced if self.is_sqlite else None
+                row = inserts[0]
+            else:
+                sql = self._sql_update_step_fenced
+                row = updates[0]
+            if sql is not None:
+                with self._raw(single=self.is_sqlite) as cur:
+                    cur.execute(sql, dict(row, run_id=run_id, owner=owner))
+                    if cur.rowcount != 1:
+                        raise LeaseLost(run_id)
+                return
         now = _now()
         with self._raw() as cur:
             if new_run is not None:
@@ -570,7 +604,8 @@ class Store:
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
         now = _now()
-        with self._raw() as cur:
+        single = new_run is None and not (inserts or updates or waits_possible)
+        with self._raw(single=single) as cur:
             if new_run is not None:
                 final = {
                     "status": status,

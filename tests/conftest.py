@@ -61,8 +61,16 @@ def _postgres_schema_url(name: str) -> Iterator[str]:
         sep = "&" if "?" in POSTGRES_URL else "?"
         yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{name}"
     finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        for attempt in range(3):  # a test may have restarted PostgreSQL
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+                break
+            except sa.exc.OperationalError:
+                engine.dispose()
+                if attempt == 2:
+                    raise
+                threading.Event().wait(1.0)
         engine.dispose()
 
 

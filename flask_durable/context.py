@@ -146,6 +146,8 @@ class RunContext:
         self.state_size = sum(len(r.output or "") for r in records)
         self.seq = max((r.seq for r in records), default=-1) + 1
         self.new_run = new_run
+        #: Whether the run's row is committed (its lease can be renewed).
+        self.in_db = new_run is None
         self.counts: dict[str, int] = {}
         self.lock = threading.RLock()
         self.pending: dict[str, StepRecord] = {}
@@ -229,6 +231,7 @@ class RunContext:
                         "inserts": inserts,
                         "updates": updates,
                         "new_run": self.new_run,
+                        "after": self._mark_stored if self.new_run else None,
                     },
                 )
             else:
@@ -238,6 +241,7 @@ class RunContext:
                     )
                 except LeaseLost:
                     raise _LeaseLost(self.id) from None
+                self.in_db = True
             self.new_run = None
             self.stored.add(rec.step_id)
             self.memo[rec.step_id] = rec
@@ -250,6 +254,9 @@ class RunContext:
             signals.step_failed.send(
                 self.state.app, run_id=self.id, step_id=rec.step_id, final=True
             )
+
+    def _mark_stored(self) -> None:
+        self.in_db = True
 
     def park(self, rec: StepRecord, wait: dict[str, Any] | None = None) -> None:
         """Keep a step's non-final state (retry pending, sleeping, waiting)

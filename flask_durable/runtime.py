@@ -310,7 +310,8 @@ class _State:
         except _LeaseLost:
             ctx.outcome = "lost"
             self.active.pop(ctx.id, None)
-            return json_response(409, ctx.id, error="lease lost", run_id=ctx.id)
+            # Another process took the run over: its client follows it there.
+            return self.async_response(ctx.id, "running")
         except DBAPIError as e:
             # Our database is unreachable: nothing is lost (what was committed
             # stays, a stored run is resumed once its lease expires); tell the
@@ -463,8 +464,10 @@ class _State:
         except LeaseLost:
             ctx.outcome = "lost"
             self.active.pop(ctx.id, None)
-            return json_response(409, ctx.id, error="lease lost", run_id=ctx.id)
+            # Another process took the run over: its client follows it there.
+            return self.async_response(ctx.id, "running")
         ctx.new_run = None
+        ctx.in_db = True
         ctx.outcome = "suspended"
         self.active.pop(ctx.id, None)
         if signals.run_suspended.receivers:

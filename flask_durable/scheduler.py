@@ -221,9 +221,7 @@ class Scheduler:
     def heartbeat(self) -> None:
         """Renew the leases of runs executing in this process."""
         state = self.state
-        leases = [
-            (c.id, c.owner) for c in list(state.active.values()) if c.new_run is None
-        ]
+        leases = [(c.id, c.owner) for c in list(state.active.values()) if c.in_db]
         if not leases:
             return
         try:
@@ -236,7 +234,11 @@ class Scheduler:
             if ctx is not None:
                 ctx.request_cancel()
         for run_id in lost:
-            log.warning("run %s: lease lost; another process owns it now", run_id)
+            ctx = state.active.get(run_id)
+            if ctx is None:
+                continue  # finished meanwhile
+            log.warning("run %s: lease lost; stopping at its next step", run_id)
+            ctx.request_cancel("lost")
 
     def housekeeping(self) -> None:
         try:

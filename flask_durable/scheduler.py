@@ -47,6 +47,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._inflight = 0
         self._timers: set[str] = set()
+        self._backlog = False
 
     @property
     def running(self) -> bool:
@@ -186,6 +187,34 @@ class Scheduler:
         finally:
             with self._lock:
                 self._inflight -= 1
+        self._drain()
+
+    def _drain(self) -> None:
+        """While the last sweep left due runs behind, keep this thread busy
+        claiming and resuming them one by one (a backlog of thousands of
+        due runs drains at full speed, not a batch per sweep)."""
+        from .runtime import claim_dict
+
+        state = self.state
+        while self._backlog and self._pool is not None:
+            try:
+                owner = state.new_owner()
+                rows = state.store.claim_due(owner, state.lease_seconds, 1)
+            except Exception:
+                log.exception("durable claim failed; the next sweep retries")
+                return
+            if not rows:
+                self._backlog = False
+                return
+            with self._lock:
+                self._inflight += 1
+            try:
+                state.resume(claim_dict(rows[0], owner))
+            except Exception:
+                log.exception("resuming run %s failed", rows[0].id)
+            finally:
+                with self._lock:
+                    self._inflight -= 1
 
     # -- periodic jobs --------------------------------------------------------
 
@@ -201,9 +230,12 @@ class Scheduler:
         try:
             with self._lock:
                 free = state.workers - self._inflight
-            if free > 0:
+            if free <= 0:
+                self._backlog = True  # busy threads drain when they finish
+            else:
                 owner = state.new_owner()
                 rows = state.store.claim_due(owner, state.lease_seconds, free)
+                self._backlog = len(rows) == free
                 for row in rows:
                     with self._lock:
                         self._inflight += 1

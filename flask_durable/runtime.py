@@ -519,6 +519,7 @@ class _State:
                     "new_run": ctx.new_run,
                     "inserts": inserts,
                     "updates": updates,
+                    "waits_possible": ctx.is_replay or ctx.waited,
                     "after": lambda: self._finished_async(ctx, status),
                 },
             )

@@ -451,15 +451,6 @@ class Store:
                 ).where(runs.c.endpoint == endpoint, runs.c.idempotency_key == key)
             ).first()
 
-    def _fence(self, conn: Connection, run_id: str, owner: str, now: float) -> None:
-        done = conn.execute(
-            runs.update()
-            .where(runs.c.id == run_id, runs.c.lease_owner == owner)
-            .values(updated_at=now)
-        ).rowcount
-        if done != 1:
-            raise LeaseLost(run_id)
-
     def write_steps(
         self,
         run_id: str,
@@ -603,47 +594,25 @@ class Store:
             event (no wait rows to delete).
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
-        now = _now()
         single = new_run is None and not (inserts or updates or waits_possible)
         with self._raw(single=single) as cur:
-            if new_run is not None:
-                final = {
-                    "status": status,
-                    "response": response,
-                    "error": error,
-                    "finished_at": now,
-                    "updated_at": now,
-                    "due_at": None,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                }
-                self._raw_insert_run(cur, dict(new_run, **final))
-            else:
-                cur.execute(
-                    self._sql_finish,
-                    {
-                        "status": status,
-                        "response": response,
-                        "error": error,
-                        "now": now,
-                        "id": run_id,
-                        "owner": owner,
-                    },
-                )
-                if cur.rowcount != 1:
-                    raise LeaseLost(run_id)
-                if waits_possible:
-                    cur.execute(self._sql_delete_waits, {"id": run_id})
-            self._raw_steps(cur, run_id, inserts, updates)
-            if self.is_postgres:
-                cur.execute(
-                    self._sql_notify,
-                    {"channel": self.FINISHED_CHANNEL, "payload": run_id},
-                )
+            if not self._raw_finish(
+                cur,
+                run_id,
+                owner,
+                status,
+                response,
+                error,
+                new_run,
+                inserts,
+                updates,
+                waits_possible,
+            ):
+                raise LeaseLost(run_id)
 
-    def _finish(
+    def _raw_finish(
         self,
-        conn: Connection,
+        cur: Any,
         run_id: str,
         owner: str,
         status: str,
@@ -652,31 +621,42 @@ class Store:
         new_run: dict[str, Any] | None,
         inserts: Sequence[dict[str, Any]],
         updates: Sequence[dict[str, Any]],
+        waits_possible: bool,
     ) -> bool:
         now = _now()
-        final = {
-            "status": status,
-            "response": response,
-            "error": error,
-            "finished_at": now,
-            "updated_at": now,
-            "due_at": None,
-            "lease_owner": None,
-            "lease_expires_at": None,
-        }
         if new_run is not None:
-            conn.execute(runs.insert(), dict(new_run, **final))
+            final = {
+                "status": status,
+                "response": response,
+                "error": error,
+                "finished_at": now,
+                "updated_at": now,
+                "due_at": None,
+                "lease_owner": None,
+                "lease_expires_at": None,
+            }
+            self._raw_insert_run(cur, dict(new_run, **final))
         else:
-            done = conn.execute(
-                runs.update()
-                .where(runs.c.id == run_id, runs.c.lease_owner == owner)
-                .values(**final)
-            ).rowcount
-            if done != 1:
+            cur.execute(
+                self._sql_finish,
+                {
+                    "status": status,
+                    "response": response,
+                    "error": error,
+                    "now": now,
+                    "id": run_id,
+                    "owner": owner,
+                },
+            )
+            if cur.rowcount != 1:
                 return False
-        self._write_steps(conn, run_id, inserts, updates)
-        conn.execute(waits.delete().where(waits.c.run_id == run_id))
-        self._notify(conn, self.FINISHED_CHANNEL, run_id)
+            if waits_possible:
+                cur.execute(self._sql_delete_waits, {"id": run_id})
+        self._raw_steps(cur, run_id, inserts, updates)
+        if self.is_postgres:
+            cur.execute(
+                self._sql_notify, {"channel": self.FINISHED_CHANNEL, "payload": run_id}
+            )
         return True
 
     def write_batch(self, items: Sequence[dict[str, Any]]) -> set[str]:
@@ -686,14 +666,14 @@ class Store:
         lost: set[str] = set()
         fenced: set[str] = set()
         now = _now()
-        with self.begin() as conn:
+        with self._raw() as cur:
             for item in items:
                 run_id = item["run_id"]
                 if run_id in lost:
                     continue
                 if item["kind"] == "finish":
-                    if not self._finish(
-                        conn,
+                    if not self._raw_finish(
+                        cur,
                         run_id,
                         item["owner"],
                         item["status"],
@@ -702,22 +682,22 @@ class Store:
                         item["new_run"],
                         item["inserts"],
                         item["updates"],
+                        item.get("waits_possible", True),
                     ):
                         lost.add(run_id)
                     continue
                 if item["new_run"] is not None:
-                    conn.execute(runs.insert(), item["new_run"])
+                    self._raw_insert_run(cur, item["new_run"])
                 elif run_id not in fenced:
-                    done = conn.execute(
-                        runs.update()
-                        .where(runs.c.id == run_id, runs.c.lease_owner == item["owner"])
-                        .values(updated_at=now)
-                    ).rowcount
-                    if done != 1:
+                    cur.execute(
+                        self._sql_fence,
+                        {"now": now, "id": run_id, "owner": item["owner"]},
+                    )
+                    if cur.rowcount != 1:
                         lost.add(run_id)
                         continue
                 fenced.add(run_id)
-                self._write_steps(conn, run_id, item["inserts"], item["updates"])
+                self._raw_steps(cur, run_id, item["inserts"], item["updates"])
         return lost
 
     # -- claiming ------------------------------------------------------------

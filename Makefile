@@ -16,6 +16,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check flask_durable tests benchmarks examples
+	$(BIN)/ruff format --check flask_durable tests benchmarks examples
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

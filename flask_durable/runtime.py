@@ -753,7 +753,7 @@ if hasattr(os, "register_at_fork"):
 def get_state() -> _State:
     """The state of the current app, or a clear error."""
     try:
-        return current_app.extensions["durable"]  # type: ignore[no-any-return]
+        return current_app.extensions["durable"]
     except KeyError:
         raise RuntimeError(
             "flask-durable is not set up on this app: call durable.init_app(app)"

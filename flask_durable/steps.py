@@ -74,7 +74,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     rec = ctx.memo.get(sid)
     if rec is not None:
         if rec.status == "completed":
-            return load_value(rec.output or "null")  # type: ignore[no-any-return]
+            return load_value(rec.output or "null")
         if rec.status == "failed":
             raise_for_failed(rec)
         if rec.status == "error" and rec.due_at and rec.due_at > time.time() + _EPSILON:
@@ -130,7 +130,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx.checkpoint(rec)
     if rec.status == "failed":
         raise_for_failed(rec)
-    return load_value(text)  # type: ignore[no-any-return]
+    return load_value(text)
 
 
 def _failed(ctx: RunContext, rec: StepRecord, error: Exception) -> NoReturn:
@@ -264,7 +264,7 @@ def wait_for_event(
     now = time.time()
     if rec is not None:
         if rec.status == "completed":
-            return load_value(rec.output or "null")  # type: ignore[no-any-return]
+            return load_value(rec.output or "null")
         if rec.status == "waiting" and rec.due_at and rec.due_at > now + _EPSILON:
             raise _Suspend(rec.due_at, "waiting")
         if rec.status == "waiting":

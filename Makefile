@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LINT := flask_durable tests $(wildcard benchmarks examples)
 
 .PHONY: demo test lint bench docs clean
 
@@ -15,14 +16,14 @@ demo: $(STAMP)
 	cd examples/trip_booking && ../../$(BIN)/flask --app app run --port $${PORT:-5000}
 
 test: $(STAMP)
-	$(BIN)/ruff check flask_durable tests benchmarks examples
-	$(BIN)/ruff format --check flask_durable tests benchmarks examples
+	$(BIN)/ruff check $(LINT)
+	$(BIN)/ruff format --check $(LINT)
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check flask_durable tests benchmarks examples
-	$(BIN)/ruff format --check flask_durable tests benchmarks examples
+	$(BIN)/ruff check $(LINT)
+	$(BIN)/ruff format --check $(LINT)
 	$(BIN)/mypy
 
 bench: $(STAMP)

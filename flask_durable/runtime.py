@@ -466,6 +466,10 @@ class _State:
             self.active.pop(ctx.id, None)
             # Another process took the run over: its client follows it there.
             return self.async_response(ctx.id, "running")
+        except DBAPIError as e:
+            ctx.outcome = "lost"
+            self.active.pop(ctx.id, None)
+            return unavailable(e, ctx.id)
         ctx.new_run = None
         ctx.in_db = True
         ctx.outcome = "suspended"

@@ -230,10 +230,17 @@ class Store:
             " EXISTS (SELECT 1 FROM durable_runs"
             " WHERE id = :run_id AND lease_owner = :owner)"
         )
-        # SQLite only (PostgreSQL would type the bare parameters as text).
-        self._sql_insert_step_fenced = (
+        if self.is_sqlite:
+            values = ", ".join(":" + c for c in step_cols)
+        else:  # bare parameters in a SELECT list would be typed as text
+            dialect = self.engine.dialect
+            values = ", ".join(
+                f"CAST(:{c.name} AS {c.type.compile(dialect=dialect)})"
+                for c in steps.columns
+            )
+        self._sql_insert_step_fenced = sql(
             f"INSERT INTO durable_steps ({', '.join(step_cols)})"
-            f" SELECT {', '.join(':' + c for c in step_cols)} WHERE{owned}"
+            f" SELECT {values} WHERE{owned}"
         )
         self._sql_update_step_fenced = sql(
             f"UPDATE durable_steps SET {', '.join(f'{c} = :{c}' for c in settable)}"
@@ -249,6 +256,12 @@ class Store:
             " lease_owner = NULL, lease_expires_at = NULL"
             " WHERE id = :id AND lease_owner = :owner"
         )
+        # PostgreSQL: finish and notify in one statement (one round trip).
+        self._sql_finish_notify = sql(
+            "WITH done AS ("
+            + self._sql_finish
+            + " RETURNING id) SELECT pg_notify(:channel, id) FROM done"
+        )
         self._sql_delete_waits = sql("DELETE FROM durable_waits WHERE run_id = :id")
         self._sql_notify = sql("SELECT pg_notify(:channel, :payload)")
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
@@ -263,16 +276,26 @@ class Store:
         """
         conn = self.engine.raw_connection()
         cur = None
+        autocommit = single and self.is_postgres
         try:
+            if autocommit:
+                conn.driver_connection.autocommit = True  # type: ignore[union-attr]
             cur = conn.cursor()
             if self.is_sqlite and not single:
                 cur.execute("BEGIN IMMEDIATE")
             yield cur
-            if not (single and self.is_sqlite):
+            if not single:
                 conn.commit()
         except self._dbapi_error as e:
+            if self.engine.dialect.is_disconnect(e, conn.dbapi_connection, cur):
+                # The server restarted: recycle every pooled connection, as
+                # SQLAlchemy's own execution path does.
+                invalidate_pool = getattr(self.engine.pool, "_invalidate", None)
+                if invalidate_pool is not None:
+                    invalidate_pool(conn, e)
             cur = None
-            conn.invalidate(e)
+            if conn.is_valid:
+                conn.invalidate(e)
             raise sa.exc.DBAPIError.instance(
                 None, None, e, self._dbapi_error, dialect=self.engine.dialect
             ) from e
@@ -282,6 +305,8 @@ class Store:
         finally:
             if cur is not None:
                 cur.close()
+            if autocommit and conn.driver_connection is not None:
+                conn.driver_connection.autocommit = False
             conn.close()
 
     def _raw_steps(
@@ -469,17 +494,14 @@ class Store:
             # One fenced statement: the step is written only if we still hold
             # the run's lease.
             if inserts:
-                sql = self._sql_insert_step_fenced if self.is_sqlite else None
-                row = inserts[0]
+                sql, row = self._sql_insert_step_fenced, inserts[0]
             else:
-                sql = self._sql_update_step_fenced
-                row = updates[0]
-            if sql is not None:
-                with self._raw(single=self.is_sqlite) as cur:
-                    cur.execute(sql, dict(row, run_id=run_id, owner=owner))
-                    if cur.rowcount != 1:
-                        raise LeaseLost(run_id)
-                return
+                sql, row = self._sql_update_step_fenced, updates[0]
+            with self._raw(single=True) as cur:
+                cur.execute(sql, dict(row, run_id=run_id, owner=owner))
+                if cur.rowcount != 1:
+                    raise LeaseLost(run_id)
+            return
         now = _now()
         with self._raw() as cur:
             if new_run is not None:
@@ -637,23 +659,25 @@ class Store:
             }
             self._raw_insert_run(cur, dict(new_run, **final))
         else:
-            cur.execute(
-                self._sql_finish,
-                {
-                    "status": status,
-                    "response": response,
-                    "error": error,
-                    "now": now,
-                    "id": run_id,
-                    "owner": owner,
-                },
-            )
+            params = {
+                "status": status,
+                "response": response,
+                "error": error,
+                "now": now,
+                "id": run_id,
+                "owner": owner,
+            }
+            if self.is_postgres:
+                params["channel"] = self.FINISHED_CHANNEL
+                cur.execute(self._sql_finish_notify, params)
+            else:
+                cur.execute(self._sql_finish, params)
             if cur.rowcount != 1:
                 return False
             if waits_possible:
                 cur.execute(self._sql_delete_waits, {"id": run_id})
         self._raw_steps(cur, run_id, inserts, updates)
-        if self.is_postgres:
+        if self.is_postgres and new_run is not None:
             cur.execute(
                 self._sql_notify, {"channel": self.FINISHED_CHANNEL, "payload": run_id}
             )

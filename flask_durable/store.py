@@ -64,9 +64,22 @@ runs = sa.Table(
     sa.Column("request", sa.LargeBinary, nullable=False),
     sa.Column("response", sa.LargeBinary),
     sa.Column("error", sa.Text),
-    sa.Index("ix_durable_runs_due", "due_at"),
+    # Partial indexes: finished runs and runs without a key cost nothing.
+    sa.Index(
+        "ix_durable_runs_due",
+        "due_at",
+        sqlite_where=sa.text("due_at IS NOT NULL"),
+        postgresql_where=sa.text("due_at IS NOT NULL"),
+    ),
     sa.Index("ix_durable_runs_created", "created_at", "id"),
-    sa.Index("ux_durable_runs_idempotency", "endpoint", "idempotency_key", unique=True),
+    sa.Index(
+        "ux_durable_runs_idempotency",
+        "endpoint",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    ),
 )
 
 steps = sa.Table(

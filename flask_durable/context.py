@@ -148,6 +148,9 @@ class RunContext:
         self.new_run = new_run
         #: Whether the run's row is committed (its lease can be renewed).
         self.in_db = new_run is None
+        #: Whether the run was stored before this execution: only then can
+        #: a client be waiting for it (wait URL, Idempotency-Key repeat).
+        self.preexisting = new_run is None
         self.counts: dict[str, int] = {}
         self.lock = threading.RLock()
         self.pending: dict[str, StepRecord] = {}

@@ -524,6 +524,7 @@ class _State:
                     "inserts": inserts,
                     "updates": updates,
                     "waits_possible": ctx.is_replay or ctx.waited,
+                    "notify": ctx.preexisting,
                     "after": lambda: self._finished_async(ctx, status),
                 },
             )
@@ -540,6 +541,7 @@ class _State:
                 inserts=inserts,
                 updates=updates,
                 waits_possible=ctx.is_replay or ctx.waited,
+                notify=ctx.preexisting,
             )
         except LeaseLost:
             log.warning("run %s: lease lost before its response was stored", ctx.id)

@@ -173,6 +173,7 @@ class Scheduler:
             row = self.state.store.claim(run_id, owner, self.state.lease_seconds)
             if row is not None:
                 self.state.resume(claim_dict(row, owner))
+            self._drain()
         except Exception:
             log.exception("resuming run %s failed", run_id)
         finally:
@@ -182,17 +183,20 @@ class Scheduler:
     def _resume_claimed(self, claim: dict[str, Any]) -> None:
         try:
             self.state.resume(claim)
+            self._drain()
         except Exception:
             log.exception("resuming run %s failed", claim["id"])
         finally:
+            # Counted as busy until the drain ends too, so the sweeper never
+            # claims runs that would wait (lease ticking) for a thread.
             with self._lock:
                 self._inflight -= 1
-        self._drain()
 
     def _drain(self) -> None:
         """While the last sweep left due runs behind, keep this thread busy
         claiming and resuming them one by one (a backlog of thousands of
-        due runs drains at full speed, not a batch per sweep)."""
+        due runs drains at full speed, not a batch per sweep). A claim is
+        made only when this thread is about to execute the run."""
         from .runtime import claim_dict
 
         state = self.state
@@ -206,15 +210,10 @@ class Scheduler:
             if not rows:
                 self._backlog = False
                 return
-            with self._lock:
-                self._inflight += 1
             try:
                 state.resume(claim_dict(rows[0], owner))
             except Exception:
                 log.exception("resuming run %s failed", rows[0].id)
-            finally:
-                with self._lock:
-                    self._inflight -= 1
 
     # -- periodic jobs --------------------------------------------------------
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import sqlalchemy as sa
@@ -188,6 +189,11 @@ class Store:
                 )
             self._setup_sqlite(sync, int(sqlite_busy_timeout * 1000))
         self._read = self.engine.execution_options(durable_readonly=True)
+        # SQLite has one writer at a time and its busy handler polls with
+        # sleeps, which starves threads under load (a heartbeat could wait
+        # past its lease). Threads of this process queue on a lock instead;
+        # other processes still meet the busy timeout.
+        self._writer: Any = threading.RLock() if self.is_sqlite else nullcontext()
         self._prepare_hot_sql()
 
     # -- connections --------------------------------------------------------
@@ -287,6 +293,10 @@ class Store:
         :param single: the transaction is one statement; SQLite runs it in
             autocommit mode, which is atomic on its own.
         """
+        with self._writer:
+            yield from self._raw_unlocked(single)
+
+    def _raw_unlocked(self, single: bool) -> Iterator[Any]:
         conn = self.engine.raw_connection()
         cur = None
         autocommit = single and self.is_postgres
@@ -342,7 +352,7 @@ class Store:
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """A short write transaction."""
-        with self.engine.begin() as conn:
+        with self._writer, self.engine.begin() as conn:
             yield conn
 
     @contextmanager
@@ -622,11 +632,15 @@ class Store:
         inserts: Sequence[dict[str, Any]] = (),
         updates: Sequence[dict[str, Any]] = (),
         waits_possible: bool = True,
+        notify: bool = True,
     ) -> None:
         """Store a run's final response and make it terminal.
 
         :param waits_possible: ``False`` when the run never waited for an
             event (no wait rows to delete).
+        :param notify: tell other processes (PostgreSQL ``NOTIFY``); not
+            needed for a run nobody can be waiting for (``NOTIFY`` takes a
+            database-wide lock at commit).
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
         single = new_run is None and not (inserts or updates or waits_possible)
@@ -642,6 +656,7 @@ class Store:
                 inserts,
                 updates,
                 waits_possible,
+                notify,
             ):
                 raise LeaseLost(run_id)
 
@@ -657,6 +672,7 @@ class Store:
         inserts: Sequence[dict[str, Any]],
         updates: Sequence[dict[str, Any]],
         waits_possible: bool,
+        notify: bool = True,
     ) -> bool:
         now = _now()
         if new_run is not None:
@@ -680,7 +696,7 @@ class Store:
                 "id": run_id,
                 "owner": owner,
             }
-            if self.is_postgres:
+            if self.is_postgres and notify:
                 params["channel"] = self.FINISHED_CHANNEL
                 cur.execute(self._sql_finish_notify, params)
             else:
@@ -690,7 +706,7 @@ class Store:
             if waits_possible:
                 cur.execute(self._sql_delete_waits, {"id": run_id})
         self._raw_steps(cur, run_id, inserts, updates)
-        if self.is_postgres and new_run is not None:
+        if self.is_postgres and notify and new_run is not None:
             cur.execute(
                 self._sql_notify, {"channel": self.FINISHED_CHANNEL, "payload": run_id}
             )
@@ -720,6 +736,7 @@ class Store:
                         item["inserts"],
                         item["updates"],
                         item.get("waits_possible", True),
+                        item.get("notify", True),
                     ):
                         lost.add(run_id)
                     continue

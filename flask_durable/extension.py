@@ -300,14 +300,14 @@ class Durable:
             return None
         steps = [
             StepInfo(
-                id=r.step_id,
-                status=r.status,
-                attempts=r.attempts,
-                output=load_value(r.output) if r.output is not None else None,
-                error=_error_dict(r.error),
-                started_at=to_datetime(r.started_at),
-                finished_at=to_datetime(r.finished_at),
-                due_at=to_datetime(r.due_at),
+                id=r["step_id"],
+                status=r["status"],
+                attempts=r["attempts"],
+                output=load_value(r["output"]) if r["output"] is not None else None,
+                error=_error_dict(r["error"]),
+                started_at=to_datetime(r["started_at"]),
+                finished_at=to_datetime(r["finished_at"]),
+                due_at=to_datetime(r["due_at"]),
             )
             for r in state.store.load_steps(run_id)
         ]

@@ -172,7 +172,7 @@ class CaptureMiddleware:
 def replay(state: _State, claim: dict[str, Any]) -> None:
     """Resume a claimed run by calling the app with its stored request."""
     run_id = claim["id"]
-    blob = state.store.get_request(run_id)
+    blob = claim.get("request") or state.store.get_request(run_id)
     if blob is None:
         return
     environ = build_environ(blob)

@@ -278,9 +278,7 @@ class _State:
                 return started
             ctx = started
         else:
-            records = [
-                StepRecord(**r._mapping) for r in self.store.load_steps(claim["id"])
-            ]
+            records = [StepRecord(**r) for r in self.store.load_steps(claim["id"])]
             ctx = RunContext(
                 self,
                 run_id=claim["id"],
@@ -668,6 +666,7 @@ def claim_dict(row: Any, owner: str) -> dict[str, Any]:
         "deadline": row.deadline,
         "cancel_requested": bool(row.cancel_requested),
         "endpoint": row.endpoint,
+        "request": row.request,
     }
 
 

@@ -281,6 +281,11 @@ class Store:
             + self._sql_finish
             + " RETURNING id) SELECT pg_notify(:channel, id) FROM done"
         )
+        self._step_names = [c.name for c in _STEP_COLUMNS]
+        self._sql_load_steps = sql(
+            f"SELECT {', '.join(self._step_names)} FROM durable_steps"
+            " WHERE run_id = :run_id ORDER BY seq"
+        )
         self._sql_delete_waits = sql("DELETE FROM durable_waits WHERE run_id = :id")
         self._sql_notify = sql("SELECT pg_notify(:channel, :payload)")
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
@@ -552,15 +557,27 @@ class Store:
                 .values(**values)
             )
 
-    def load_steps(self, run_id: str) -> list[sa.Row[Any]]:
-        with self.read() as conn:
-            return list(
-                conn.execute(
-                    sa.select(*_STEP_COLUMNS)
-                    .where(steps.c.run_id == run_id)
-                    .order_by(steps.c.seq)
-                )
-            )
+    def load_steps(self, run_id: str) -> list[dict[str, Any]]:
+        """The steps of a run, in the order they first ran."""
+        conn = self.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            cur.execute(self._sql_load_steps, {"run_id": run_id})
+            rows = [
+                dict(zip(self._step_names, row, strict=True)) for row in cur.fetchall()
+            ]
+            cur.close()
+            if not self.is_sqlite:
+                conn.rollback()
+            return rows
+        except self._dbapi_error as e:
+            if conn.is_valid:
+                conn.invalidate(e)
+            raise sa.exc.DBAPIError.instance(
+                None, None, e, self._dbapi_error, dialect=self.engine.dialect
+            ) from e
+        finally:
+            conn.close()
 
     # -- suspending and finishing --------------------------------------------
 
@@ -774,15 +791,11 @@ class Store:
         if not force:
             cond.append(runs.c.due_at <= now + 0.005)
         with self.begin() as conn:
-            done = conn.execute(
+            return conn.execute(
                 runs.update()
                 .where(*cond)
                 .values(**self._claim_values(owner, now, lease_seconds))
-            ).rowcount
-            if done != 1:
-                return None
-            return conn.execute(
-                sa.select(*_CLAIM_COLUMNS).where(runs.c.id == run_id)
+                .returning(*_CLAIM_COLUMNS)
             ).first()
 
     def claim_due(
@@ -1014,6 +1027,7 @@ class Store:
             ).rowcount
 
 
+#: What a claim returns: enough to replay the run without another query.
 _CLAIM_COLUMNS = (
     runs.c.id,
     runs.c.version,
@@ -1021,4 +1035,5 @@ _CLAIM_COLUMNS = (
     runs.c.deadline,
     runs.c.cancel_requested,
     runs.c.endpoint,
+    runs.c.request,
 )

@@ -194,6 +194,7 @@ class Store:
         # past its lease). Threads of this process queue on a lock instead;
         # other processes still meet the busy timeout.
         self._writer: Any = threading.RLock() if self.is_sqlite else nullcontext()
+        self._sqlite_writer: Any = None
         self._prepare_hot_sql()
 
     # -- connections --------------------------------------------------------
@@ -302,12 +303,19 @@ class Store:
             yield from self._raw_unlocked(single)
 
     def _raw_unlocked(self, single: bool) -> Iterator[Any]:
-        conn = self.engine.raw_connection()
+        if self.is_sqlite:
+            # One writer at a time anyway (see _writer): keep its connection
+            # instead of a pool check-out and check-in per transaction.
+            conn = self._sqlite_writer
+            if conn is None:
+                conn = self._sqlite_writer = self.engine.raw_connection()
+        else:
+            conn = self.engine.raw_connection()
         cur = None
         autocommit = single and self.is_postgres
         try:
             if autocommit:
-                conn.driver_connection.autocommit = True  # type: ignore[union-attr]
+                conn.driver_connection.autocommit = True
             cur = conn.cursor()
             if self.is_sqlite and not single:
                 cur.execute("BEGIN IMMEDIATE")
@@ -324,6 +332,9 @@ class Store:
             cur = None
             if conn.is_valid:
                 conn.invalidate(e)
+            if conn is self._sqlite_writer:
+                self._sqlite_writer = None
+                conn.close()
             raise sa.exc.DBAPIError.instance(
                 None, None, e, self._dbapi_error, dialect=self.engine.dialect
             ) from e
@@ -335,7 +346,8 @@ class Store:
                 cur.close()
             if autocommit and conn.driver_connection is not None:
                 conn.driver_connection.autocommit = False
-            conn.close()
+            if conn is not self._sqlite_writer:
+                conn.close()
 
     def _raw_steps(
         self,
@@ -368,6 +380,9 @@ class Store:
 
     def dispose(self, close: bool = True) -> None:
         """Drop pooled connections (``close=False`` after ``fork()``)."""
+        writer, self._sqlite_writer = self._sqlite_writer, None
+        if writer is not None and close:
+            writer.close()
         self.engine.dispose(close=close)
 
     # -- notifications (PostgreSQL LISTEN/NOTIFY) ----------------------------

@@ -237,6 +237,21 @@ class RunContext:
                         "after": self._mark_stored if self.new_run else None,
                     },
                 )
+            elif self.state.group_commit:
+                committed = self.state.writer.commit(
+                    self,
+                    {
+                        "kind": "checkpoint",
+                        "run_id": self.id,
+                        "owner": self.owner,
+                        "inserts": inserts,
+                        "updates": updates,
+                        "new_run": self.new_run,
+                    },
+                )
+                if not committed:
+                    raise _LeaseLost(self.id)
+                self.in_db = True
             else:
                 try:
                     self.state.store.write_steps(

@@ -36,6 +36,7 @@ _DEFAULTS: dict[str, Any] = {
     "DURABLE_CHECKPOINT": "sync",
     "DURABLE_CHECKPOINT_BATCH": 256,
     "DURABLE_CHECKPOINT_INTERVAL": 0.002,
+    "DURABLE_GROUP_COMMIT": False,
     "DURABLE_SQLITE_SYNCHRONOUS": "NORMAL",
     "DURABLE_SQLITE_BUSY_TIMEOUT": 30.0,
     "DURABLE_EVENT_KEY": None,
@@ -153,6 +154,10 @@ class Durable:
             Async mode: checkpoints committed per transaction at most
             (``256``) and seconds the writer waits to fill a batch
             (``0.002``).
+        ``DURABLE_GROUP_COMMIT``
+            Sync mode: concurrent requests' checkpoints are committed together
+            by one writer thread, each request still waiting for its own
+            commit (``False``).
         ``DURABLE_SQLITE_SYNCHRONOUS``
             ``PRAGMA synchronous`` for SQLite: ``"NORMAL"`` (default; WAL
             keeps the database consistent, a power loss may lose the last

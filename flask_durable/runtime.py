@@ -128,6 +128,7 @@ class _State:
             _int(config, "DURABLE_CHECKPOINT_BATCH", 1),
             _float(config, "DURABLE_CHECKPOINT_INTERVAL", 0),
         )
+        self.group_commit = bool(config["DURABLE_GROUP_COMMIT"])
         self._secret = config["DURABLE_SECRET_KEY"] or app.secret_key
         self._signer: Signer | None = None
         self.active: dict[str, RunContext] = {}
@@ -529,18 +530,38 @@ class _State:
             ctx.new_run = None
             return
         try:
-            self.store.finish(
-                ctx.id,
-                ctx.owner,
-                status,
-                response,
-                ctx.error,
-                new_run=ctx.new_run,
-                inserts=inserts,
-                updates=updates,
-                waits_possible=ctx.is_replay or ctx.waited,
-                notify=ctx.preexisting,
-            )
+            if self.group_commit:
+                committed = self.writer.commit(
+                    ctx,
+                    {
+                        "kind": "finish",
+                        "run_id": ctx.id,
+                        "owner": ctx.owner,
+                        "status": status,
+                        "response": response,
+                        "error": ctx.error,
+                        "new_run": ctx.new_run,
+                        "inserts": inserts,
+                        "updates": updates,
+                        "waits_possible": ctx.is_replay or ctx.waited,
+                        "notify": ctx.preexisting,
+                    },
+                )
+                if not committed:
+                    raise LeaseLost(ctx.id)
+            else:
+                self.store.finish(
+                    ctx.id,
+                    ctx.owner,
+                    status,
+                    response,
+                    ctx.error,
+                    new_run=ctx.new_run,
+                    inserts=inserts,
+                    updates=updates,
+                    waits_possible=ctx.is_replay or ctx.waited,
+                    notify=ctx.preexisting,
+                )
         except LeaseLost:
             log.warning("run %s: lease lost before its response was stored", ctx.id)
             return

@@ -1,4 +1,5 @@
-"""The background checkpoint writer of ``DURABLE_CHECKPOINT="async"``.
+"""The background checkpoint writer of ``DURABLE_CHECKPOINT="async"``, and
+group commit (``DURABLE_GROUP_COMMIT``) for sync checkpoints.
 
 Views hand step checkpoints to a queue and go on at once; one thread per
 process commits them in batches (bounded by ``DURABLE_CHECKPOINT_BATCH``
@@ -6,6 +7,10 @@ items and ``DURABLE_CHECKPOINT_INTERVAL`` seconds), one transaction per
 batch. Before a run suspends or stores its final response, its pending
 checkpoints are flushed, in order. A crash loses at most the checkpoints
 still queued: those steps run again when the run is resumed.
+
+With group commit, a sync checkpoint is queued the same way but its request
+waits until the batch holding it is committed: concurrent requests share
+one transaction (one WAL flush) instead of one each.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ log = logging.getLogger("flask_durable")
 
 
 class _Barrier:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "lost")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.lost = False
 
 
 _STOP = object()
@@ -51,6 +57,20 @@ class CheckpointWriter:
         if self._thread is None:
             self._start()
         self._queue.put((ctx, item))
+
+    def commit(self, ctx: RunContext, item: dict[str, Any]) -> bool:
+        """Queue one item and wait until it is committed (group commit).
+
+        :returns: ``False`` when the run's lease was lost.
+        :raises Exception: the database error that made the batch fail.
+        """
+        barrier = _Barrier()
+        item["barrier"] = barrier
+        self.submit(ctx, item)
+        barrier.done.wait()
+        if barrier.error is not None:
+            raise barrier.error
+        return not barrier.lost
 
     def flush(self) -> None:
         """Block until everything queued so far is committed.
@@ -85,7 +105,10 @@ class CheckpointWriter:
         while True:
             first = self._queue.get()
             items = [first]
-            deadline = time.monotonic() + self.interval
+            # A waiting request is not kept waiting for company: take what
+            # queued up meanwhile and commit.
+            waiting = isinstance(first, tuple) and "barrier" in first[1]
+            deadline = time.monotonic() + (0.0 if waiting else self.interval)
             while len(items) < self.batch and items[-1] is not _STOP:
                 remaining = deadline - time.monotonic()
                 try:
@@ -110,17 +133,28 @@ class CheckpointWriter:
     def _write(
         self, work: list[tuple[RunContext, dict[str, Any]]]
     ) -> BaseException | None:
-        for attempt in range(5):
+        waiting = [item["barrier"] for _, item in work if "barrier" in item]
+        # Requests are waiting: report a failure at once (they answer 503)
+        # instead of retrying for seconds.
+        attempts = 1 if waiting else 5
+        for attempt in range(attempts):
             try:
-                lost = self.store.write_batch([item for _, item in work])
+                lost = self._commit([item for _, item in work])
             except Exception as e:  # database unavailable: retry, then report
-                if attempt == 4:
-                    log.error("async checkpoints could not be written: %s", e)
+                if attempt == attempts - 1:
+                    log.error("checkpoints could not be written: %s", e)
+                    for barrier in waiting:
+                        barrier.error = e
+                        barrier.done.set()
                     return e
                 time.sleep(0.2 * 2**attempt)
                 continue
             for ctx, item in work:
-                if item["run_id"] in lost:
+                barrier = item.get("barrier")
+                if barrier is not None:
+                    barrier.lost = item["run_id"] in lost
+                    barrier.done.set()
+                elif item["run_id"] in lost:
                     ctx.request_cancel("lost")
                 elif item.get("after") is not None:
                     try:
@@ -129,3 +163,36 @@ class CheckpointWriter:
                         log.exception("after-commit callback failed")
             return None
         return None  # pragma: no cover
+
+    def _commit(self, items: list[dict[str, Any]]) -> set[str]:
+        """Write a batch; a lone item takes the store's one-statement path."""
+        from .store import LeaseLost
+
+        if len(items) == 1:
+            item = items[0]
+            try:
+                if item["kind"] == "checkpoint":
+                    self.store.write_steps(
+                        item["run_id"],
+                        item["owner"],
+                        item["inserts"],
+                        item["updates"],
+                        new_run=item["new_run"],
+                    )
+                else:
+                    self.store.finish(
+                        item["run_id"],
+                        item["owner"],
+                        item["status"],
+                        item["response"],
+                        item["error"],
+                        new_run=item["new_run"],
+                        inserts=item["inserts"],
+                        updates=item["updates"],
+                        waits_possible=item.get("waits_possible", True),
+                        notify=item.get("notify", True),
+                    )
+            except LeaseLost:
+                return {item["run_id"]}
+            return set()
+        return self.store.write_batch(items)

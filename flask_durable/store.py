@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -281,6 +281,14 @@ class Store:
             "WITH done AS ("
             + self._sql_finish
             + " RETURNING id) SELECT pg_notify(:channel, id) FROM done"
+        )
+        self._sql_claim = sql(
+            "UPDATE durable_runs SET lease_owner = :owner, lease_expires_at = :expires,"
+            " status = 'running', attempt = attempt + 1, version = version + 1,"
+            " updated_at = :now"
+            " WHERE id = :id AND due_at IS NOT NULL AND due_at <= :due"
+            " AND (lease_expires_at IS NULL OR lease_expires_at < :now)"
+            f" RETURNING {', '.join(c.name for c in _CLAIM_COLUMNS)}"
         )
         self._step_names = [c.name for c in _STEP_COLUMNS]
         self._sql_load_steps = sql(
@@ -575,15 +583,17 @@ class Store:
     def load_steps(self, run_id: str) -> list[dict[str, Any]]:
         """The steps of a run, in the order they first ran."""
         conn = self.engine.raw_connection()
+        driver: Any = conn.driver_connection
+        autocommit = self.is_postgres  # one statement: no transaction left open
         try:
+            if autocommit:
+                driver.autocommit = True
             cur = conn.cursor()
             cur.execute(self._sql_load_steps, {"run_id": run_id})
             rows = [
                 dict(zip(self._step_names, row, strict=True)) for row in cur.fetchall()
             ]
             cur.close()
-            if not self.is_sqlite:
-                conn.rollback()
             return rows
         except self._dbapi_error as e:
             if conn.is_valid:
@@ -592,6 +602,8 @@ class Store:
                 None, None, e, self._dbapi_error, dialect=self.engine.dialect
             ) from e
         finally:
+            if autocommit and conn.is_valid:
+                driver.autocommit = False
             conn.close()
 
     # -- suspending and finishing --------------------------------------------
@@ -798,20 +810,17 @@ class Store:
         :param force: claim even if not due yet (cancellation).
         """
         now = _now()
-        cond = [
-            runs.c.id == run_id,
-            runs.c.due_at.is_not(None),
-            sa.or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now),
-        ]
-        if not force:
-            cond.append(runs.c.due_at <= now + 0.005)
-        with self.begin() as conn:
-            return conn.execute(
-                runs.update()
-                .where(*cond)
-                .values(**self._claim_values(owner, now, lease_seconds))
-                .returning(*_CLAIM_COLUMNS)
-            ).first()
+        params = {
+            "id": run_id,
+            "owner": owner,
+            "expires": now + lease_seconds,
+            "now": now,
+            "due": float("inf") if force else now + 0.005,
+        }
+        with self._raw(single=True) as cur:
+            cur.execute(self._sql_claim, params)
+            row = cur.fetchone()
+        return None if row is None else _Claimed(*row)
 
     def claim_due(
         self, owner: str, lease_seconds: float, limit: int
@@ -1040,6 +1049,16 @@ class Store:
             return conn.execute(
                 events.delete().where(events.c.ts < older_than)
             ).rowcount
+
+
+class _Claimed(NamedTuple):
+    id: str
+    version: int
+    attempt: int
+    deadline: float | None
+    cancel_requested: bool
+    endpoint: str
+    request: bytes
 
 
 #: What a claim returns: enough to replay the run without another query.

@@ -290,6 +290,17 @@ class Store:
             " AND (lease_expires_at IS NULL OR lease_expires_at < :now)"
             f" RETURNING {', '.join(c.name for c in _CLAIM_COLUMNS)}"
         )
+        free = "(lease_expires_at IS NULL OR lease_expires_at < :now)"
+        self._sql_claim_due = sql(
+            "UPDATE durable_runs SET lease_owner = :owner, lease_expires_at = :expires,"
+            " status = 'running', attempt = attempt + 1, version = version + 1,"
+            " updated_at = :now"
+            " WHERE id IN (SELECT id FROM durable_runs"
+            f" WHERE due_at <= :now AND {free} ORDER BY due_at LIMIT :limit"
+            + (" FOR UPDATE SKIP LOCKED" if self.is_postgres else "")
+            + f") AND due_at <= :now AND {free}"
+            f" RETURNING {', '.join(c.name for c in _CLAIM_COLUMNS)}"
+        )
         self._step_names = [c.name for c in _STEP_COLUMNS]
         self._sql_load_steps = sql(
             f"SELECT {', '.join(self._step_names)} FROM durable_steps"
@@ -822,45 +833,23 @@ class Store:
             row = cur.fetchone()
         return None if row is None else _Claimed(*row)
 
-    def claim_due(
-        self, owner: str, lease_seconds: float, limit: int
-    ) -> list[sa.Row[Any]]:
+    def claim_due(self, owner: str, lease_seconds: float, limit: int) -> list[Any]:
         """Take the leases of up to ``limit`` due runs whose lease is free or
         expired (crashed processes). Safe to call from many processes at
-        once: each run is claimed by one of them."""
+        once: each run is claimed by one of them (``FOR UPDATE SKIP LOCKED``
+        on PostgreSQL; one writer at a time on SQLite)."""
         if limit <= 0:
             return []
         now = _now()
-        free = sa.or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now)
-        candidates = (
-            sa.select(runs.c.id)
-            .where(runs.c.due_at <= now, free)
-            .order_by(runs.c.due_at)
-            .limit(limit)
-        )
-        if self.is_postgres:
-            candidates = candidates.with_for_update(skip_locked=True)
-        stmt = (
-            runs.update()
-            .where(
-                runs.c.id.in_(candidates.scalar_subquery()), runs.c.due_at <= now, free
-            )
-            .values(**self._claim_values(owner, now, lease_seconds))
-            .returning(*_CLAIM_COLUMNS)
-        )
-        with self.begin() as conn:
-            return list(conn.execute(stmt))
-
-    @staticmethod
-    def _claim_values(owner: str, now: float, lease_seconds: float) -> dict[str, Any]:
-        return {
-            "lease_owner": owner,
-            "lease_expires_at": now + lease_seconds,
-            "status": "running",
-            "attempt": runs.c.attempt + 1,
-            "version": runs.c.version + 1,
-            "updated_at": now,
+        params = {
+            "owner": owner,
+            "expires": now + lease_seconds,
+            "now": now,
+            "limit": int(limit),
         }
+        with self._raw(single=True) as cur:
+            cur.execute(self._sql_claim_due, params)
+            return [_Claimed(*row) for row in cur.fetchall()]
 
     def upcoming(self, horizon: float, limit: int) -> list[tuple[str, float]]:
         """Runs due within ``horizon`` seconds, for exact in-process timers."""

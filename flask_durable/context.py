@@ -16,7 +16,6 @@ from werkzeug.local import LocalProxy
 from . import signals
 from .errors import StepError, StepNestingError, _Cancelled, _LeaseLost
 from .serde import dump_json
-from .store import LeaseLost
 
 if TYPE_CHECKING:
     from .runtime import _State
@@ -224,41 +223,25 @@ class RunContext:
                     self.state_size = size
             self.pending.pop(rec.step_id, None)
             inserts, updates = self._split([rec])
+            item: dict[str, Any] = {
+                "kind": "checkpoint",
+                "run_id": self.id,
+                "owner": self.owner,
+                "inserts": inserts,
+                "updates": updates,
+                "new_run": self.new_run,
+            }
+            writer = self.state.writer
             if self.async_checkpoints:
-                self.state.writer.submit(
-                    self,
-                    {
-                        "kind": "checkpoint",
-                        "run_id": self.id,
-                        "owner": self.owner,
-                        "inserts": inserts,
-                        "updates": updates,
-                        "new_run": self.new_run,
-                        "after": self._mark_stored if self.new_run else None,
-                    },
-                )
-            elif self.state.group_commit:
-                committed = self.state.writer.commit(
-                    self,
-                    {
-                        "kind": "checkpoint",
-                        "run_id": self.id,
-                        "owner": self.owner,
-                        "inserts": inserts,
-                        "updates": updates,
-                        "new_run": self.new_run,
-                    },
-                )
+                item["after"] = self._mark_stored if self.new_run else None
+                writer.submit(self, item)
+            else:
+                if self.state.group_commit:
+                    committed = writer.commit(self, item)
+                else:
+                    committed = writer.write_now(item)
                 if not committed:
                     raise _LeaseLost(self.id)
-                self.in_db = True
-            else:
-                try:
-                    self.state.store.write_steps(
-                        self.id, self.owner, inserts, updates, new_run=self.new_run
-                    )
-                except LeaseLost:
-                    raise _LeaseLost(self.id) from None
                 self.in_db = True
             self.new_run = None
             self.stored.add(rec.step_id)

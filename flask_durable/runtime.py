@@ -509,62 +509,32 @@ class _State:
         """Store a run's final response (called by the capture middleware)."""
         status = ctx.outcome or "failed"
         inserts, updates, _ = ctx.take_pending()
+        item: dict[str, Any] = {
+            "kind": "finish",
+            "run_id": ctx.id,
+            "owner": ctx.owner,
+            "status": status,
+            "response": response,
+            "error": ctx.error,
+            "new_run": ctx.new_run,
+            "inserts": inserts,
+            "updates": updates,
+            "waits_possible": ctx.is_replay or ctx.waited,
+            "notify": ctx.preexisting,
+        }
         if ctx.async_checkpoints:
-            self.writer.submit(
-                ctx,
-                {
-                    "kind": "finish",
-                    "run_id": ctx.id,
-                    "owner": ctx.owner,
-                    "status": status,
-                    "response": response,
-                    "error": ctx.error,
-                    "new_run": ctx.new_run,
-                    "inserts": inserts,
-                    "updates": updates,
-                    "waits_possible": ctx.is_replay or ctx.waited,
-                    "notify": ctx.preexisting,
-                    "after": lambda: self._finished_async(ctx, status),
-                },
-            )
+            item["after"] = lambda: self._finished_async(ctx, status)
+            self.writer.submit(ctx, item)
             ctx.new_run = None
             return
         try:
             if self.group_commit:
-                committed = self.writer.commit(
-                    ctx,
-                    {
-                        "kind": "finish",
-                        "run_id": ctx.id,
-                        "owner": ctx.owner,
-                        "status": status,
-                        "response": response,
-                        "error": ctx.error,
-                        "new_run": ctx.new_run,
-                        "inserts": inserts,
-                        "updates": updates,
-                        "waits_possible": ctx.is_replay or ctx.waited,
-                        "notify": ctx.preexisting,
-                    },
-                )
-                if not committed:
-                    raise LeaseLost(ctx.id)
+                committed = self.writer.commit(ctx, item)
             else:
-                self.store.finish(
-                    ctx.id,
-                    ctx.owner,
-                    status,
-                    response,
-                    ctx.error,
-                    new_run=ctx.new_run,
-                    inserts=inserts,
-                    updates=updates,
-                    waits_possible=ctx.is_replay or ctx.waited,
-                    notify=ctx.preexisting,
-                )
-        except LeaseLost:
-            log.warning("run %s: lease lost before its response was stored", ctx.id)
-            return
+                committed = self.writer.write_now(item)
+            if not committed:
+                log.warning("run %s: lease lost before its response was stored", ctx.id)
+                return
         except DBAPIError as e:
             # The client still gets the response; the run keeps its lease
             # and is replayed (steps memoized) to store it once it expires.

@@ -58,6 +58,13 @@ class CheckpointWriter:
             self._start()
         self._queue.put((ctx, item))
 
+    def write_now(self, item: dict[str, Any]) -> bool:
+        """Write one item in the calling thread (sync mode).
+
+        :returns: ``False`` when the run's lease was lost.
+        """
+        return item["run_id"] not in self._commit([item])
+
     def commit(self, ctx: RunContext, item: dict[str, Any]) -> bool:
         """Queue one item and wait until it is committed (group commit).
 

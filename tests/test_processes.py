@@ -269,3 +269,33 @@ def test_reloader_scheduler_only_in_serving_child(
     )
     second_child = check_generation(2)
     assert second_child != first_child
+
+
+def test_waitress_serves_and_resumes(procs: ProcessManager, tmp_path: Path) -> None:
+    port = free_port()
+    server = procs.start(
+        "waitress",
+        [
+            str(VENV_BIN / "waitress-serve"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "4",
+            "procs.app:app",
+        ],
+        app_env(tmp_path, sqlite_url(tmp_path)),
+        url=f"http://127.0.0.1:{port}",
+    )
+    health = server.wait_healthy()
+    # A retried run: the first attempt of "a" fails in the request, the
+    # client follows the 303 and gets the response of the replay.
+    r = server.post("/work", json={"job": "waitress"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.history and r.history[0].status_code == 303
+    mine = [e for e in read_effects(tmp_path).executions if e.job == "waitress"]
+    assert [(e.step, e.attempt, e.pid) for e in mine] == [
+        ("a", 0, health["pid"]),
+        ("a", 1, health["pid"]),
+        ("b", 0, health["pid"]),
+        ("c", 0, health["pid"]),
+    ]

@@ -490,17 +490,7 @@ class Store:
                 ).scalar_one()
             return str(found)
 
-    def schema_version(self) -> int:
-        with self.read() as conn:
-            found = conn.execute(
-                sa.select(meta.c.value).where(meta.c.key == "schema_version")
-            ).scalar()
-        return int(found or 0)
-
     # -- starting and checkpointing ------------------------------------------
-
-    def insert_run(self, conn: Connection, row: dict[str, Any]) -> None:
-        conn.execute(runs.insert(), row)
 
     def try_insert_idempotent_run(self, row: dict[str, Any]) -> bool:
         """Insert a run that carries an idempotency key. Returns ``False``

@@ -301,6 +301,18 @@ class Store:
             + f") AND due_at <= :now AND {free}"
             f" RETURNING {', '.join(c.name for c in _CLAIM_COLUMNS)}"
         )
+        park = (
+            "UPDATE durable_runs SET status = :status, due_at = :due,"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_park = sql(park + " AND version = :version")
+        self._sql_park_woken = sql(park)
+        wait_cols = [c.name for c in waits.columns]
+        self._sql_insert_wait = sql(
+            f"INSERT INTO durable_waits ({', '.join(wait_cols)})"
+            f" VALUES ({', '.join(':' + c for c in wait_cols)})"
+        )
         self._step_names = [c.name for c in _STEP_COLUMNS]
         self._sql_load_steps = sql(
             f"SELECT {', '.join(self._step_names)} FROM durable_steps"
@@ -564,23 +576,6 @@ class Store:
                     raise LeaseLost(run_id)
             self._raw_steps(cur, run_id, inserts, updates)
 
-    def _write_steps(
-        self,
-        conn: Connection,
-        run_id: str,
-        inserts: Sequence[dict[str, Any]],
-        updates: Sequence[dict[str, Any]],
-    ) -> None:
-        if inserts:
-            conn.execute(steps.insert(), [dict(r, run_id=run_id) for r in inserts])
-        for row in updates:
-            values = {k: v for k, v in row.items() if k != "step_id"}
-            conn.execute(
-                steps.update()
-                .where(steps.c.run_id == run_id, steps.c.step_id == row["step_id"])
-                .values(**values)
-            )
-
     def load_steps(self, run_id: str) -> list[dict[str, Any]]:
         """The steps of a run, in the order they first ran."""
         conn = self.engine.raw_connection()
@@ -636,34 +631,26 @@ class Store:
             "lease_expires_at": None,
             "updated_at": now,
         }
-        with self.begin() as conn:
+        with self._raw() as cur:
             if new_run is not None:
-                conn.execute(runs.insert(), dict(new_run, **parked))
+                self._raw_insert_run(cur, dict(new_run, **parked))
             else:
-                done = conn.execute(
-                    runs.update()
-                    .where(
-                        runs.c.id == run_id,
-                        runs.c.lease_owner == owner,
-                        runs.c.version == version,
-                    )
-                    .values(**parked)
-                ).rowcount
-                if done != 1:
+                params = {"id": run_id, "owner": owner, "version": version}
+                cur.execute(
+                    self._sql_park, dict(params, status=status, due=due_at, now=now)
+                )
+                if cur.rowcount != 1:
                     # Still ours but woken meanwhile: run again right away.
                     parked.update(status="scheduled", due_at=now)
-                    done = conn.execute(
-                        runs.update()
-                        .where(runs.c.id == run_id, runs.c.lease_owner == owner)
-                        .values(**parked)
-                    ).rowcount
-                    if done != 1:
+                    cur.execute(
+                        self._sql_park_woken,
+                        dict(params, status="scheduled", due=now, now=now),
+                    )
+                    if cur.rowcount != 1:
                         raise LeaseLost(run_id)
-            self._write_steps(conn, run_id, inserts, updates)
-            if new_waits:
-                conn.execute(
-                    waits.insert(), [dict(w, run_id=run_id) for w in new_waits]
-                )
+            self._raw_steps(cur, run_id, inserts, updates)
+            for wait in new_waits:
+                cur.execute(self._sql_insert_wait, dict(wait, run_id=run_id))
         return float(parked["due_at"])  # type: ignore[arg-type]
 
     def finish(

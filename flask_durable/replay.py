@@ -172,10 +172,7 @@ class CaptureMiddleware:
 def replay(state: _State, claim: dict[str, Any]) -> None:
     """Resume a claimed run by calling the app with its stored request."""
     run_id = claim["id"]
-    blob = claim.get("request") or state.store.get_request(run_id)
-    if blob is None:
-        return
-    environ = build_environ(blob)
+    environ = build_environ(claim["request"])
     environ[REPLAY_KEY] = claim
     try:
         app_iter, status, headers = run_wsgi_app(state.app, environ, buffered=True)

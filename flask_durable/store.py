@@ -354,21 +354,14 @@ class Store:
             if not single:
                 conn.commit()
         except self._dbapi_error as e:
-            if self.engine.dialect.is_disconnect(e, conn.dbapi_connection, cur):
-                # The server restarted: recycle every pooled connection, as
-                # SQLAlchemy's own execution path does.
-                invalidate_pool = getattr(self.engine.pool, "_invalidate", None)
-                if invalidate_pool is not None:
-                    invalidate_pool(conn, e)
-            cur = None
-            if conn.is_valid:
-                conn.invalidate(e)
+            failed, cur = cur, None
             if conn is self._sqlite_writer:
                 self._sqlite_writer = None
+                self._discard(conn, failed, e)
                 conn.close()
-            raise sa.exc.DBAPIError.instance(
-                None, None, e, self._dbapi_error, dialect=self.engine.dialect
-            ) from e
+            else:
+                self._discard(conn, failed, e)
+            raise self._wrap(e) from e
         except BaseException:
             conn.rollback()
             raise
@@ -379,6 +372,22 @@ class Store:
                 conn.driver_connection.autocommit = False
             if conn is not self._sqlite_writer:
                 conn.close()
+
+    def _discard(self, conn: Any, cur: Any, error: Any) -> None:
+        """Invalidate a connection a driver error came from; after a server
+        restart recycle the whole pool, as SQLAlchemy's own path does."""
+        if self.engine.dialect.is_disconnect(error, conn.dbapi_connection, cur):
+            invalidate_pool = getattr(self.engine.pool, "_invalidate", None)
+            if invalidate_pool is not None:
+                invalidate_pool(conn, error)
+        if conn.is_valid:
+            conn.invalidate(error)
+
+    def _wrap(self, error: Any) -> BaseException:
+        """A driver error as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`."""
+        return sa.exc.DBAPIError.instance(
+            None, None, error, self._dbapi_error, dialect=self.engine.dialect
+        )
 
     def _raw_steps(
         self,
@@ -581,6 +590,7 @@ class Store:
         conn = self.engine.raw_connection()
         driver: Any = conn.driver_connection
         autocommit = self.is_postgres  # one statement: no transaction left open
+        cur = None
         try:
             if autocommit:
                 driver.autocommit = True
@@ -592,11 +602,8 @@ class Store:
             cur.close()
             return rows
         except self._dbapi_error as e:
-            if conn.is_valid:
-                conn.invalidate(e)
-            raise sa.exc.DBAPIError.instance(
-                None, None, e, self._dbapi_error, dialect=self.engine.dialect
-            ) from e
+            self._discard(conn, cur, e)
+            raise self._wrap(e) from e
         finally:
             if autocommit and conn.is_valid:
                 driver.autocommit = False
@@ -897,12 +904,6 @@ class Store:
                 sa.select(runs.c.status, runs.c.response).where(runs.c.id == run_id)
             ).first()
         return None if row is None else (row.status, row.response)
-
-    def get_request(self, run_id: str) -> bytes | None:
-        with self.read() as conn:
-            return conn.execute(
-                sa.select(runs.c.request).where(runs.c.id == run_id)
-            ).scalar()
 
     # -- cancellation ---------------------------------------------------------
 

@@ -77,7 +77,17 @@ class StepRecord:
         self.finished_at = finished_at
 
     def row(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {
+            "step_id": self.step_id,
+            "seq": self.seq,
+            "status": self.status,
+            "attempts": self.attempts,
+            "output": self.output,
+            "error": self.error,
+            "due_at": self.due_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
 
 
 class StepContext:
@@ -222,13 +232,14 @@ class RunContext:
                 else:
                     self.state_size = size
             self.pending.pop(rec.step_id, None)
-            inserts, updates = self._split([rec])
+            row = [rec.row()]
+            stored = rec.step_id in self.stored
             item: dict[str, Any] = {
                 "kind": "checkpoint",
                 "run_id": self.id,
                 "owner": self.owner,
-                "inserts": inserts,
-                "updates": updates,
+                "inserts": [] if stored else row,
+                "updates": row if stored else [],
                 "new_run": self.new_run,
             }
             writer = self.state.writer

@@ -373,6 +373,26 @@ class Store:
             if conn is not self._sqlite_writer:
                 conn.close()
 
+    def _execute_single(self, sql: str, params: dict[str, Any]) -> int:
+        """Run one write statement on its own (atomic by itself) and return
+        its row count: what :meth:`_raw` does, without its generator, for
+        the statement every sync checkpoint is."""
+        if not self.is_sqlite:
+            with self._raw(single=True) as cur:
+                cur.execute(sql, params)
+                return int(cur.rowcount)
+        with self._writer:
+            conn = self._sqlite_writer
+            if conn is None:
+                conn = self._sqlite_writer = self.engine.raw_connection()
+            try:
+                return int(conn.driver_connection.execute(sql, params).rowcount)
+            except self._dbapi_error as e:
+                self._sqlite_writer = None
+                self._discard(conn, None, e)
+                conn.close()
+                raise self._wrap(e) from e
+
     def _discard(self, conn: Any, cur: Any, error: Any) -> None:
         """Invalidate a connection a driver error came from; after a server
         restart recycle the whole pool, as SQLAlchemy's own path does."""
@@ -570,10 +590,9 @@ class Store:
                 sql, row = self._sql_insert_step_fenced, inserts[0]
             else:
                 sql, row = self._sql_update_step_fenced, updates[0]
-            with self._raw(single=True) as cur:
-                cur.execute(sql, dict(row, run_id=run_id, owner=owner))
-                if cur.rowcount != 1:
-                    raise LeaseLost(run_id)
+            row = dict(row, run_id=run_id, owner=owner)
+            if self._execute_single(sql, row) != 1:
+                raise LeaseLost(run_id)
             return
         now = _now()
         with self._raw() as cur:
@@ -683,6 +702,18 @@ class Store:
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
         single = new_run is None and not (inserts or updates or waits_possible)
+        if single and not (self.is_postgres and notify):
+            params = {
+                "status": status,
+                "response": response,
+                "error": error,
+                "now": _now(),
+                "id": run_id,
+                "owner": owner,
+            }
+            if self._execute_single(self._sql_finish, params) != 1:
+                raise LeaseLost(run_id)
+            return
         with self._raw(single=single) as cur:
             if not self._raw_finish(
                 cur,

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .store import LeaseLost
+
 if TYPE_CHECKING:
     from .context import RunContext
     from .store import Store
@@ -173,8 +175,6 @@ class CheckpointWriter:
 
     def _commit(self, items: list[dict[str, Any]]) -> set[str]:
         """Write a batch; a lone item takes the store's one-statement path."""
-        from .store import LeaseLost
-
         if len(items) == 1:
             item = items[0]
             try:

@@ -300,6 +300,7 @@ class Durable:
         """A read-only view of a run, or ``None`` if unknown."""
         state = get_state()
         state.ensure_schema()
+        state.writer.flush()  # what this process has queued, too
         row = state.store.get_run(run_id)
         if row is None:
             return None

@@ -116,7 +116,9 @@ class CheckpointWriter:
             items = [first]
             # A waiting request is not kept waiting for company: take what
             # queued up meanwhile and commit.
-            waiting = isinstance(first, tuple) and "barrier" in first[1]
+            waiting = isinstance(first, _Barrier) or (
+                isinstance(first, tuple) and "barrier" in first[1]
+            )
             deadline = time.monotonic() + (0.0 if waiting else self.interval)
             while len(items) < self.batch and items[-1] is not _STOP:
                 remaining = deadline - time.monotonic()

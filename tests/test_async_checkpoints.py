@@ -92,3 +92,20 @@ def test_many_async_runs_are_all_committed(make_app: Any) -> None:
         info = wait_terminal(app, run_id)
         assert info.status == "completed"
         assert [s.output for s in info.steps] == [0, 1, 2]
+
+
+def test_get_run_sees_what_this_process_queued(make_app: Any) -> None:
+    # A long batch interval: without the flush in get_run the run would
+    # still be queued when it is read.
+    app = make_app(DURABLE_CHECKPOINT="async", DURABLE_CHECKPOINT_INTERVAL=2.0)
+
+    @app.get("/")
+    @durable.endpoint
+    def view() -> Any:
+        return jsonify(v=[step.run(f"s{i}", lambda i=i: i) for i in range(3)])
+
+    run_id = app.test_client().get("/").headers["Durable-Run-Id"]
+    with app.app_context():
+        info = durable.get_run(run_id)
+    assert info is not None and info.status == "completed"
+    assert [s.output for s in info.steps] == [0, 1, 2]

@@ -297,7 +297,11 @@ class Durable:
         return get_state().cancel(run_id)
 
     def get_run(self, run_id: str) -> RunInfo | None:
-        """A read-only view of a run, or ``None`` if unknown."""
+        """A read-only view of a run, or ``None`` if unknown.
+
+        Checkpoints this process still has queued (``"async"`` mode) are
+        committed first, so a run just answered here is seen whole.
+        """
         state = get_state()
         state.ensure_schema()
         state.writer.flush()  # what this process has queued, too

@@ -181,6 +181,8 @@ class Store:
             options.setdefault("pool_size", 10)
             options.setdefault("max_overflow", 20)
         self.engine: Engine = sa.create_engine(sa_url, **options)
+        #: SQLite's ``PRAGMA synchronous`` (``None`` for other databases).
+        self.synchronous: str | None = None
         if self.is_sqlite:
             sync = sqlite_synchronous.upper()
             if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -188,6 +190,7 @@ class Store:
                     f"bad DURABLE_SQLITE_SYNCHRONOUS: {sqlite_synchronous!r}"
                 )
             self._setup_sqlite(sync, int(sqlite_busy_timeout * 1000))
+            self.synchronous = sync
         self._read = self.engine.execution_options(durable_readonly=True)
         # SQLite has one writer at a time and its busy handler polls with
         # sleeps, which starves threads under load (a heartbeat could wait

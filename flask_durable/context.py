@@ -163,6 +163,9 @@ class RunContext:
         self.counts: dict[str, int] = {}
         self.lock = threading.RLock()
         self.pending: dict[str, StepRecord] = {}
+        #: Steps completed without side effects (a sleep or a wait that
+        #: timed out), written with the run's next write.
+        self.settled: list[StepRecord] = []
         self.pending_waits: list[dict[str, Any]] = []
         self.cancel_reason: str | None = None
         #: Whether this execution registered a wait (rows to clean up).
@@ -232,14 +235,22 @@ class RunContext:
                 else:
                     self.state_size = size
             self.pending.pop(rec.step_id, None)
-            row = [rec.row()]
-            stored = rec.step_id in self.stored
+            if self.settled:
+                records = [*self.settled, rec]
+                self.settled = []
+                inserts, updates = self._split(records)
+                self.stored.update(r.step_id for r in records)
+            else:
+                row = [rec.row()]
+                stored = rec.step_id in self.stored
+                inserts = [] if stored else row
+                updates = row if stored else []
             item: dict[str, Any] = {
                 "kind": "checkpoint",
                 "run_id": self.id,
                 "owner": self.owner,
-                "inserts": [] if stored else row,
-                "updates": row if stored else [],
+                "inserts": inserts,
+                "updates": updates,
                 "new_run": self.new_run,
             }
             writer = self.state.writer
@@ -267,6 +278,21 @@ class RunContext:
                 self.state.app, run_id=self.id, step_id=rec.step_id, final=True
             )
 
+    def settle(self, rec: StepRecord) -> None:
+        """Record a step that completed without running anything (a sleep
+        that is over, a wait that timed out). It is written with the run's
+        next checkpoint, suspension or final response, which saves a commit;
+        if the process dies first, the replay completes it again, with the
+        same result."""
+        with self.lock:
+            self.pending.pop(rec.step_id, None)
+            self.settled.append(rec)
+            self.memo[rec.step_id] = rec
+        if signals.step_completed.receivers:
+            signals.step_completed.send(
+                self.state.app, run_id=self.id, step_id=rec.step_id
+            )
+
     def _mark_stored(self) -> None:
         self.in_db = True
 
@@ -283,13 +309,14 @@ class RunContext:
     def take_pending(
         self,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-        if not self.pending and not self.pending_waits:
+        if not self.pending and not self.pending_waits and not self.settled:
             return [], [], []
         with self.lock:
-            records = list(self.pending.values())
+            records = [*self.settled, *self.pending.values()]
             waits = self.pending_waits
             self.pending = {}
             self.pending_waits = []
+            self.settled = []
             inserts, updates = self._split(records)
             self.stored.update(r.step_id for r in records)
         return inserts, updates, waits

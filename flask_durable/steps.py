@@ -225,7 +225,7 @@ def _sleep(ctx: RunContext, sid: str, wake: Callable[[float], float]) -> None:
         rec.attempts += 1
         rec.finished_at = now
         rec.due_at = None
-        ctx.checkpoint(rec)
+        ctx.settle(rec)
         return
     rec.status = "sleeping"
     rec.due_at = due

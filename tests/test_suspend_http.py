@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask, jsonify, request
 
-from flask_durable import Durable, StepError, current_run, step
+from flask_durable import Durable, StepError, current_run, current_step, step
 
 durable = Durable()
 
@@ -410,3 +410,43 @@ def test_wait_url_wakes_without_polling_delay(make_app: Any, live_server: Any) -
     assert waited["r"].status_code == 200
     # Poll interval is 5 s: a fast answer means the waiter was woken.
     assert waited["t"] - sent_at < 2.5
+
+
+def test_a_finished_sleep_is_written_with_the_next_checkpoint(
+    make_app: Any, live_server: Any
+) -> None:
+    app = make_app()
+    seen: list[str] = []
+
+    def sleep_row_status() -> str:
+        # What the database holds for the sleep while the next step runs.
+        with app.app_context():
+            info = durable.get_run(current_step.run_id)
+        assert info is not None
+        seen.append({s.id: s.status for s in info.steps}["nap"])
+        return "done"
+
+    @app.post("/fold")
+    @durable.endpoint
+    def fold() -> Any:
+        step.run("before", lambda: 1)
+        step.sleep("nap", 0.3)
+        step.run("after", sleep_row_status)
+        step.sleep("short", 0)
+        return jsonify(ok=True)
+
+    r = live_server(app).post("/fold")
+    assert r.json() == {"ok": True}
+    assert r.history[0].status_code == 303
+    # The completion of the sleep cost no commit of its own: it was still
+    # "sleeping" in the database while "after" ran, then committed with it.
+    assert seen == ["sleeping"]
+    with app.app_context():
+        info = durable.get_run(r.headers["Durable-Run-Id"])
+    assert info is not None
+    assert [(s.id, s.status) for s in info.steps] == [
+        ("before", "completed"),
+        ("nap", "completed"),
+        ("after", "completed"),
+        ("short", "completed"),
+    ]

@@ -107,3 +107,34 @@ def test_a_due_run_is_claimed_once(store: Any) -> None:
     assert {r.id for r in first} | {r.id for r in second} == {f"c{i}" for i in range(5)}
     assert store.claim_due("p3", 30, 10) == []
     assert store.claim("c0", "p4", 30) is None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("notify", [True, False])
+def test_postgres_finish_skips_the_wal_flush_of_its_own_commit_only(
+    pg_url: str, notify: bool
+) -> None:
+    # One connection: the finish and the checks below share it.
+    store = Store(pg_url, {"pool_size": 1, "max_overflow": 0})
+    try:
+        store.create_all()
+        store.write_steps(
+            "q1", "me", [_step("a", "completed")], [], new_run=_run("q1", "me")
+        )
+        store.finish(
+            "q1", "me", "completed", b"final", None, waits_possible=False, notify=notify
+        )
+        with store.engine.connect() as conn:
+            setting = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+        # Only that one transaction committed without waiting for the flush.
+        assert setting == "on"
+        row = store.get_run("q1")
+        assert (row.status, bytes(row.response), row.lease_owner) == (
+            "completed",
+            b"final",
+            None,
+        )
+        with pytest.raises(LeaseLost):
+            store.finish("q1", "me", "failed", b"again", None, waits_possible=False)
+    finally:
+        store.dispose()

@@ -129,9 +129,6 @@ class _State:
             _float(config, "DURABLE_CHECKPOINT_INTERVAL", 0),
         )
         self.group_commit = bool(config["DURABLE_GROUP_COMMIT"])
-        #: Whether a sync run's final response rides along with the next
-        #: commit: worth it where every commit waits for the disk.
-        self.defer_finish = self.store.synchronous in ("FULL", "EXTRA")
         self._secret = config["DURABLE_SECRET_KEY"] or app.secret_key
         self._signer: Signer | None = None
         self.active: dict[str, RunContext] = {}
@@ -525,16 +522,9 @@ class _State:
             "waits_possible": ctx.is_replay or ctx.waited,
             "notify": ctx.preexisting,
         }
-        if ctx.async_checkpoints or (self.defer_finish and not self.group_commit):
+        if ctx.async_checkpoints:
             item["after"] = lambda: self._finished_async(ctx, status)
-            if ctx.async_checkpoints:
-                self.writer.submit(ctx, item)
-            else:
-                # Every step is committed: the response goes out now and is
-                # stored with the next checkpoint's commit (one disk flush
-                # less per request). A crash before that only means the run
-                # is replayed, each step memoized, to render it again.
-                self.writer.defer(ctx, item)
+            self.writer.submit(ctx, item)
             ctx.new_run = None
             return
         try:

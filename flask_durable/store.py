@@ -745,7 +745,20 @@ class Store:
                 "id": run_id,
                 "owner": owner,
             }
-            if self._execute_single(self._sql_finish, params) != 1:
+            if self.synchronous in ("FULL", "EXTRA"):
+                with self._writer:
+                    # Written to the WAL without a sync of its own: the next
+                    # commit's sync covers it (see the PostgreSQL variant).
+                    self._execute_single("PRAGMA synchronous=NORMAL", {})
+                    try:
+                        count = self._execute_single(self._sql_finish, params)
+                    finally:
+                        self._execute_single(
+                            f"PRAGMA synchronous={self.synchronous}", {}
+                        )
+            else:
+                count = self._execute_single(self._sql_finish, params)
+            if count != 1:
                 raise LeaseLost(run_id)
             return
         if single and self.is_postgres:

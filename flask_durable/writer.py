@@ -40,8 +40,6 @@ class _Barrier:
 
 
 _STOP = object()
-#: Wakes the writer thread to commit deferred final responses.
-_DEFERRED = object()
 
 
 class CheckpointWriter:
@@ -54,10 +52,6 @@ class CheckpointWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        #: Final responses of sync runs, waiting to ride along with the
-        #: next checkpoint's transaction (see :meth:`defer`).
-        self._deferred: list[tuple[RunContext, dict[str, Any]]] = []
-        self._armed = False
 
     def submit(self, ctx: RunContext, item: dict[str, Any]) -> None:
         """Queue one run's checkpoint (``run_id``, ``owner``, ``inserts``,
@@ -66,44 +60,11 @@ class CheckpointWriter:
             self._start()
         self._queue.put((ctx, item))
 
-    def defer(self, ctx: RunContext, item: dict[str, Any]) -> None:
-        """Queue a sync run's final response to be committed with the next
-        sync checkpoint of any run (one commit, so one disk flush, less per
-        request), or by the writer thread after ``interval`` if none comes.
-
-        Only for items whose run has nothing else queued, so that their
-        order with other writes does not matter.
-        """
-        with self._lock:
-            self._deferred.append((ctx, item))
-            arm = not self._armed
-            self._armed = True
-        if arm:
-            if self._thread is None:
-                self._start()
-            self._queue.put(_DEFERRED)
-
     def write_now(self, item: dict[str, Any]) -> bool:
-        """Write one item in the calling thread (sync mode), together with
-        the deferred final responses.
+        """Write one item in the calling thread (sync mode).
 
         :returns: ``False`` when the run's lease was lost.
         """
-        if self._deferred:
-            with self._lock:
-                deferred, self._deferred = self._deferred, []
-            if deferred:
-                try:
-                    lost = self._commit([i for _, i in deferred] + [item])
-                except Exception:
-                    # Not this request's failure: put them back for the
-                    # writer thread, and write this item alone.
-                    with self._lock:
-                        self._deferred[:0] = deferred
-                    self._queue.put(_DEFERRED)
-                else:
-                    self._completed(deferred, lost)
-                    return item["run_id"] not in lost
         return item["run_id"] not in self._commit([item])
 
     def commit(self, ctx: RunContext, item: dict[str, Any]) -> bool:
@@ -126,9 +87,7 @@ class CheckpointWriter:
         :raises Exception: the database error that made a batch fail.
         """
         if self._thread is None:
-            if not self._deferred:
-                return
-            self._start()
+            return
         barrier = _Barrier()
         self._queue.put(barrier)
         barrier.done.wait()
@@ -172,11 +131,6 @@ class CheckpointWriter:
                     break
             stop = items[-1] is _STOP
             work = [i for i in items if isinstance(i, tuple)]
-            if self._armed or self._deferred:
-                with self._lock:
-                    self._armed = False
-                    work[:0] = self._deferred
-                    self._deferred = []
             barriers = [i for i in items if isinstance(i, _Barrier)]
             error: BaseException | None = None
             if work:
@@ -206,27 +160,20 @@ class CheckpointWriter:
                     return e
                 time.sleep(0.2 * 2**attempt)
                 continue
-            self._completed(work, lost)
+            for ctx, item in work:
+                barrier = item.get("barrier")
+                if barrier is not None:
+                    barrier.lost = item["run_id"] in lost
+                    barrier.done.set()
+                elif item["run_id"] in lost:
+                    ctx.request_cancel("lost")
+                elif item.get("after") is not None:
+                    try:
+                        item["after"]()
+                    except Exception:
+                        log.exception("after-commit callback failed")
             return None
         return None  # pragma: no cover
-
-    @staticmethod
-    def _completed(
-        work: list[tuple[RunContext, dict[str, Any]]], lost: set[str]
-    ) -> None:
-        """After a commit: wake waiting requests, run callbacks."""
-        for ctx, item in work:
-            barrier = item.get("barrier")
-            if barrier is not None:
-                barrier.lost = item["run_id"] in lost
-                barrier.done.set()
-            elif item["run_id"] in lost:
-                ctx.request_cancel("lost")
-            elif item.get("after") is not None:
-                try:
-                    item["after"]()
-                except Exception:
-                    log.exception("after-commit callback failed")
 
     def _commit(self, items: list[dict[str, Any]]) -> set[str]:
         """Write a batch; a lone item takes the store's one-statement path."""

@@ -47,7 +47,7 @@ _IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 def _new_run_id() -> str:
     """32 hex characters, ordered by creation time (ms) then random."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
 def json_response(
@@ -338,10 +338,20 @@ class _State:
         """Record a new run for the current request, or answer it at once
         (body too large, idempotent repeat)."""
         limit = self.max_request_body
-        if request.max_content_length is None or request.max_content_length > limit:
-            request.max_content_length = limit
+        environ = request.environ
         try:
-            body = request.get_data(cache=True)
+            if environ.get("CONTENT_LENGTH", "0") in ("", "0") and not (
+                environ.get("HTTP_TRANSFER_ENCODING")
+                or environ.get("wsgi.input_terminated")
+            ):
+                body = b""  # nothing to read (most GETs)
+            else:
+                if (
+                    request.max_content_length is None
+                    or request.max_content_length > limit
+                ):
+                    request.max_content_length = limit
+                body = request.get_data(cache=True)
         except RequestEntityTooLarge:
             return json_response(
                 413,
@@ -371,7 +381,7 @@ class _State:
             "idempotency_key": None,
             "request_hash": None,
             "idempotency_expires_at": None,
-            "request": capture_request(request.environ, body),
+            "request": capture_request(environ, body),
         }
         key = request.headers.get(_IDEMPOTENCY_HEADER)
         new_run: dict[str, Any] | None = row

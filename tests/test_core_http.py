@@ -226,6 +226,20 @@ def test_body_over_limit_is_413_before_any_step(
     assert server.post("/echo", data=b"x" * 1000).status_code == 200
 
 
+def test_chunked_body_is_stored_and_replayed(make_app: Any, live_server: Any) -> None:
+    app, calls = build(make_app)
+    server = live_server(app)
+    chunks = [b"first chunk,", b"second chunk"]
+    # A generator body goes out with Transfer-Encoding: chunked and no
+    # Content-Length; the step fails once, so the answer comes from a replay
+    # of the stored request.
+    r = server.post("/echo", data=iter(chunks))
+    assert r.status_code == 200
+    assert r.history[0].status_code == 303
+    assert bytes.fromhex(r.json()["body"]) == b"".join(chunks)
+    assert calls["echo"] == 2
+
+
 def test_repeated_ids_get_their_own_step(make_app: Any, live_server: Any) -> None:
     app, _ = build(make_app)
     server = live_server(app)

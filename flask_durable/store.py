@@ -736,7 +736,11 @@ class Store:
         :raises LeaseLost: when ``owner`` no longer holds the run's lease.
         """
         single = new_run is None and not (inserts or updates or waits_possible)
-        if single and not self.is_postgres:
+        if single:
+            # The one write of a run that does not wait for the disk: its
+            # steps are committed already, and if the commit is lost (power
+            # loss, database crash) the run, still leased, is replayed to
+            # render the response again.
             params = {
                 "status": status,
                 "response": response,
@@ -744,11 +748,16 @@ class Store:
                 "now": _now(),
                 "id": run_id,
                 "owner": owner,
+                "channel": self.FINISHED_CHANNEL,
             }
-            if self.synchronous in ("FULL", "EXTRA"):
+            if self.is_postgres:
+                count = self._execute_single(
+                    self._sql_finish_notify_quick if notify else self._sql_finish_quick,
+                    params,
+                )
+            elif self.synchronous in ("FULL", "EXTRA"):
                 with self._writer:
-                    # Written to the WAL without a sync of its own: the next
-                    # commit's sync covers it (see the PostgreSQL variant).
+                    # Into the WAL now; synced by the next commit's sync.
                     self._execute_single("PRAGMA synchronous=NORMAL", {})
                     try:
                         count = self._execute_single(self._sql_finish, params)
@@ -760,22 +769,6 @@ class Store:
                 count = self._execute_single(self._sql_finish, params)
             if count != 1:
                 raise LeaseLost(run_id)
-            return
-        if single and self.is_postgres:
-            params = {
-                "status": status,
-                "response": response,
-                "error": error,
-                "now": _now(),
-                "id": run_id,
-                "owner": owner,
-                "channel": self.FINISHED_CHANNEL,
-            }
-            sql = self._sql_finish_notify_quick if notify else self._sql_finish_quick
-            with self._raw(single=True) as cur:
-                cur.execute(sql, params)
-                if cur.rowcount != 1:
-                    raise LeaseLost(run_id)
             return
         with self._raw(single=single) as cur:
             if not self._raw_finish(

@@ -163,8 +163,8 @@ class RunContext:
         self.counts: dict[str, int] = {}
         self.lock = threading.RLock()
         self.pending: dict[str, StepRecord] = {}
-        #: Steps completed without side effects (a sleep or a wait that
-        #: timed out), written with the run's next write.
+        #: Sleeps that are over: completed without running anything, and
+        #: written with the run's next write.
         self.settled: list[StepRecord] = []
         self.pending_waits: list[dict[str, Any]] = []
         self.cancel_reason: str | None = None
@@ -279,11 +279,11 @@ class RunContext:
             )
 
     def settle(self, rec: StepRecord) -> None:
-        """Record a step that completed without running anything (a sleep
-        that is over, a wait that timed out). It is written with the run's
-        next checkpoint, suspension or final response, which saves a commit;
-        if the process dies first, the replay completes it again, with the
-        same result."""
+        """Record a sleep that is over. It is written with the run's next
+        checkpoint, suspension or final response, which saves a commit; if
+        the process dies first, the replay completes it again, with the
+        same result. (A wait that timed out is committed at once instead:
+        an event could be delivered to it meanwhile.)"""
         with self.lock:
             self.pending.pop(rec.step_id, None)
             self.settled.append(rec)

@@ -77,17 +77,7 @@ class StepRecord:
         self.finished_at = finished_at
 
     def row(self) -> dict[str, Any]:
-        return {
-            "step_id": self.step_id,
-            "seq": self.seq,
-            "status": self.status,
-            "attempts": self.attempts,
-            "output": self.output,
-            "error": self.error,
-            "due_at": self.due_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class StepContext:
@@ -235,16 +225,10 @@ class RunContext:
                 else:
                     self.state_size = size
             self.pending.pop(rec.step_id, None)
-            if self.settled:
-                records = [*self.settled, rec]
-                self.settled = []
-                inserts, updates = self._split(records)
-                self.stored.update(r.step_id for r in records)
-            else:
-                row = [rec.row()]
-                stored = rec.step_id in self.stored
-                inserts = [] if stored else row
-                updates = row if stored else []
+            # Sleeps that are over go with it (see settle()).
+            records = [*self.settled, rec]
+            self.settled = []
+            inserts, updates = self._split(records)
             item: dict[str, Any] = {
                 "kind": "checkpoint",
                 "run_id": self.id,
@@ -266,7 +250,7 @@ class RunContext:
                     raise _LeaseLost(self.id)
                 self.in_db = True
             self.new_run = None
-            self.stored.add(rec.step_id)
+            self.stored.update(r.step_id for r in records)
             self.memo[rec.step_id] = rec
         if rec.status == "completed":
             if signals.step_completed.receivers:

@@ -281,12 +281,13 @@ class Store:
             "UPDATE durable_runs SET updated_at = :now"
             " WHERE id = :id AND lease_owner = :owner"
         )
-        self._sql_finish = sql(
+        finish = (
             "UPDATE durable_runs SET status = :status, response = :response,"
             " error = :error, finished_at = :now, updated_at = :now, due_at = NULL,"
-            " lease_owner = NULL, lease_expires_at = NULL"
+            " lease_owner = NULL, lease_expires_at = NULL{source}"
             " WHERE id = :id AND lease_owner = :owner"
         )
+        self._sql_finish = sql(finish.format(source=""))
         # PostgreSQL: finish and notify in one statement (one round trip).
         self._sql_finish_notify = sql(
             "WITH done AS ("
@@ -299,12 +300,7 @@ class Store:
         # crash, the run is still leased and is replayed, each step
         # memoized, to store its response again.
         quick = "quick AS (SELECT set_config('synchronous_commit', 'off', true))"
-        finish_quick = (
-            "UPDATE durable_runs SET status = :status, response = :response,"
-            " error = :error, finished_at = :now, updated_at = :now,"
-            " due_at = NULL, lease_owner = NULL, lease_expires_at = NULL"
-            " FROM quick WHERE id = :id AND lease_owner = :owner"
-        )
+        finish_quick = finish.format(source=" FROM quick")
         self._sql_finish_quick = sql(f"WITH {quick} {finish_quick}")
         self._sql_finish_notify_quick = sql(
             f"WITH {quick}, done AS ({finish_quick} RETURNING durable_runs.id)"
@@ -362,14 +358,9 @@ class Store:
             yield from self._raw_unlocked(single)
 
     def _raw_unlocked(self, single: bool) -> Iterator[Any]:
-        if self.is_sqlite:
-            # One writer at a time anyway (see _writer): keep its connection
-            # instead of a pool check-out and check-in per transaction.
-            conn = self._sqlite_writer
-            if conn is None:
-                conn = self._sqlite_writer = self.engine.raw_connection()
-        else:
-            conn = self.engine.raw_connection()
+        conn: Any = (
+            self._sqlite_conn() if self.is_sqlite else self.engine.raw_connection()
+        )
         cur = None
         autocommit = single and self.is_postgres
         try:
@@ -383,13 +374,7 @@ class Store:
                 conn.commit()
         except self._dbapi_error as e:
             failed, cur = cur, None
-            if conn is self._sqlite_writer:
-                self._sqlite_writer = None
-                self._discard(conn, failed, e)
-                conn.close()
-            else:
-                self._discard(conn, failed, e)
-            raise self._wrap(e) from e
+            raise self._failed(conn, failed, e) from e
         except BaseException:
             conn.rollback()
             raise
@@ -410,16 +395,31 @@ class Store:
                 cur.execute(sql, params)
                 return int(cur.rowcount)
         with self._writer:
-            conn = self._sqlite_writer
-            if conn is None:
-                conn = self._sqlite_writer = self.engine.raw_connection()
+            conn = self._sqlite_conn()
             try:
                 return int(conn.driver_connection.execute(sql, params).rowcount)
             except self._dbapi_error as e:
-                self._sqlite_writer = None
-                self._discard(conn, None, e)
-                conn.close()
-                raise self._wrap(e) from e
+                raise self._failed(conn, None, e) from e
+
+    def _sqlite_conn(self) -> Any:
+        """The SQLite writer connection (the caller holds ``_writer``). One
+        writer at a time anyway: it is kept instead of a pool check-out and
+        check-in per transaction."""
+        conn = self._sqlite_writer
+        if conn is None:
+            conn = self._sqlite_writer = self.engine.raw_connection()
+        return conn
+
+    def _failed(self, conn: Any, cur: Any, error: Any) -> BaseException:
+        """Discard the connection a driver error came from (and forget it if
+        it is the kept SQLite writer); returns the error to raise."""
+        if conn is self._sqlite_writer:
+            self._sqlite_writer = None
+            self._discard(conn, cur, error)
+            conn.close()
+        else:
+            self._discard(conn, cur, error)
+        return self._wrap(error)
 
     def _discard(self, conn: Any, cur: Any, error: Any) -> None:
         """Invalidate a connection a driver error came from; after a server
@@ -655,8 +655,7 @@ class Store:
             cur.close()
             return rows
         except self._dbapi_error as e:
-            self._discard(conn, cur, e)
-            raise self._wrap(e) from e
+            raise self._failed(conn, cur, e) from e
         finally:
             if autocommit and conn.is_valid:
                 driver.autocommit = False
@@ -741,15 +740,7 @@ class Store:
             # steps are committed already, and if the commit is lost (power
             # loss, database crash) the run, still leased, is replayed to
             # render the response again.
-            params = {
-                "status": status,
-                "response": response,
-                "error": error,
-                "now": _now(),
-                "id": run_id,
-                "owner": owner,
-                "channel": self.FINISHED_CHANNEL,
-            }
+            params = self._finish_params(run_id, owner, status, response, error)
             if self.is_postgres:
                 count = self._execute_single(
                     self._sql_finish_notify_quick if notify else self._sql_finish_quick,
@@ -786,6 +777,26 @@ class Store:
             ):
                 raise LeaseLost(run_id)
 
+    def _finish_params(
+        self,
+        run_id: str,
+        owner: str,
+        status: str,
+        response: bytes,
+        error: str | None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
+        """Parameters of the finish statements (all variants)."""
+        return {
+            "status": status,
+            "response": response,
+            "error": error,
+            "now": _now() if now is None else now,
+            "id": run_id,
+            "owner": owner,
+            "channel": self.FINISHED_CHANNEL,
+        }
+
     def _raw_finish(
         self,
         cur: Any,
@@ -814,16 +825,8 @@ class Store:
             }
             self._raw_insert_run(cur, dict(new_run, **final))
         else:
-            params = {
-                "status": status,
-                "response": response,
-                "error": error,
-                "now": now,
-                "id": run_id,
-                "owner": owner,
-            }
+            params = self._finish_params(run_id, owner, status, response, error, now)
             if self.is_postgres and notify:
-                params["channel"] = self.FINISHED_CHANNEL
                 cur.execute(self._sql_finish_notify, params)
             else:
                 cur.execute(self._sql_finish, params)

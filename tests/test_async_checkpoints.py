@@ -78,14 +78,20 @@ def test_async_mode_checkpoints_everything(
     assert [s.attempts for s in info.steps] == [1, 2, 1]
 
 
-def test_many_async_runs_are_all_committed(make_app: Any) -> None:
-    app = make_app(DURABLE_CHECKPOINT="async", DURABLE_CHECKPOINT_BATCH=16)
+def three_steps(make_app: Any, **config: Any) -> Any:
+    """An async app whose ``/`` runs 3 steps returning 0, 1, 2."""
+    app = make_app(DURABLE_CHECKPOINT="async", **config)
 
     @app.get("/")
     @durable.endpoint
     def view() -> Any:
         return jsonify(v=[step.run(f"s{i}", lambda i=i: i) for i in range(3)])
 
+    return app
+
+
+def test_many_async_runs_are_all_committed(make_app: Any) -> None:
+    app = three_steps(make_app, DURABLE_CHECKPOINT_BATCH=16)
     client = app.test_client()
     ids = [client.get("/").headers["Durable-Run-Id"] for _ in range(60)]
     for run_id in ids:
@@ -97,13 +103,7 @@ def test_many_async_runs_are_all_committed(make_app: Any) -> None:
 def test_get_run_sees_what_this_process_queued(make_app: Any) -> None:
     # A long batch interval: without the flush in get_run the run would
     # still be queued when it is read.
-    app = make_app(DURABLE_CHECKPOINT="async", DURABLE_CHECKPOINT_INTERVAL=2.0)
-
-    @app.get("/")
-    @durable.endpoint
-    def view() -> Any:
-        return jsonify(v=[step.run(f"s{i}", lambda i=i: i) for i in range(3)])
-
+    app = three_steps(make_app, DURABLE_CHECKPOINT_INTERVAL=2.0)
     run_id = app.test_client().get("/").headers["Durable-Run-Id"]
     with app.app_context():
         info = durable.get_run(run_id)

@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any, cast
 from werkzeug.local import LocalProxy
 
 from . import signals
-from .errors import StepError, StepNestingError, _Cancelled, _LeaseLost
+from .errors import (
+    StepError,
+    StepNestingError,
+    _Cancelled,
+    _LeaseLost,
+    _StoreUnavailable,
+)
 from .serde import dump_json
+from .store import UNAVAILABLE
 
 if TYPE_CHECKING:
     from .runtime import _State
@@ -162,6 +169,12 @@ class RunContext:
         self.waited = False
         self.outcome: str | None = None
         self.error: str | None = None
+        #: Set while the final response is being written: the heartbeat
+        #: leaves the run alone (its lease ends with that write).
+        self.finishing = False
+        #: Until when (``time.monotonic()``) this process may start a step
+        #: without asking the database whether it still holds the lease.
+        self.lease_deadline = time.monotonic() + self.lease_trust
 
     def __repr__(self) -> str:
         return f"<RunContext {self.id} attempt={self.attempt}>"
@@ -179,15 +192,55 @@ class RunContext:
             self.counts[step_id] = n + 1
         return step_id if n == 0 else f"{step_id}:{n}"
 
+    @property
+    def lease_trust(self) -> float:
+        """Seconds a lease taken or renewed now may be relied on by this
+        process's own clock: two thirds of the lease, so that a renewal
+        (every third of it) keeps the trust alive, and a margin is left for
+        clocks that differ between hosts."""
+        return self.state.lease_seconds * (2.0 / 3.0)
+
     def boundary(self) -> None:
-        """Stop here if the run was cancelled or passed its deadline."""
+        """Stop here if the run was cancelled, passed its deadline, or may
+        belong to another process by now.
+
+        A process that was stalled (``SIGSTOP``, a paused VM, swapping)
+        longer than its lease may have lost the run to another process
+        without its heartbeat having noticed yet: if the last renewal is
+        older than :attr:`lease_trust`, the lease is renewed here, fenced
+        on the owner, before a step may start.
+        """
         if self.cancel_reason is None and self.deadline is not None:
             if time.time() >= self.deadline:
                 self.cancel_reason = "timeout"
+        if (
+            self.cancel_reason is None
+            and self.in_db
+            and time.monotonic() >= self.lease_deadline
+        ):
+            self.confirm_lease()
         if self.cancel_reason == "lost":
             raise _LeaseLost(self.id)
         if self.cancel_reason is not None:
             raise _Cancelled(self.cancel_reason)
+
+    def confirm_lease(self) -> None:
+        """Renew the lease now; mark the run lost if another process has
+        taken it."""
+        started = time.monotonic()
+        try:
+            held = self.state.store.renew_one(self.id, self.owner)
+        except UNAVAILABLE as e:
+            raise _StoreUnavailable(e) from e
+        if held:
+            self.lease_renewed(started)
+        else:
+            self.cancel_reason = "lost"
+
+    def lease_renewed(self, at: float) -> None:
+        """The lease was taken or renewed by a write that began at ``at``
+        (``time.monotonic()``)."""
+        self.lease_deadline = max(self.lease_deadline, at + self.lease_trust)
 
     def next_record(self, step_id: str, status: str) -> StepRecord:
         """The record of ``step_id`` (a new one if the step never ran)."""
@@ -239,15 +292,25 @@ class RunContext:
             }
             writer = self.state.writer
             if self.async_checkpoints:
-                item["after"] = self._mark_stored if self.new_run else None
+                if self.new_run:
+                    item["after"] = self._mark_stored
+                    self.lease_renewed(time.monotonic())
+                else:
+                    item["after"] = None
                 writer.submit(self, item)
             else:
-                if self.state.group_commit:
-                    committed = writer.commit(self, item)
-                else:
-                    committed = writer.write_now(item)
+                started = time.monotonic()
+                try:
+                    if self.state.group_commit:
+                        committed = writer.commit(self, item)
+                    else:
+                        committed = writer.write_now(item)
+                except UNAVAILABLE as e:
+                    raise _StoreUnavailable(e) from e
                 if not committed:
                     raise _LeaseLost(self.id)
+                if not self.in_db:
+                    self.lease_renewed(started)  # the row and its lease began
                 self.in_db = True
             self.new_run = None
             self.stored.update(r.step_id for r in records)

@@ -73,6 +73,17 @@ class _LeaseLost(_Interrupt):
     """Another process owns this run now: stop without writing anything."""
 
 
+class _StoreUnavailable(_Interrupt):
+    """A checkpoint could not be written because the database is
+    unavailable: the request answers ``503`` and the run, if it was stored,
+    is resumed once its lease expires. An :class:`_Interrupt`, so that a
+    view's ``except Exception`` cannot mistake it for a failed step."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class StepNestingError(NonRetriableError, RuntimeError):
     """A ``step`` function was called inside a step function. Steps do not
     nest; this fails the outer step without retries."""

@@ -22,16 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, jsonify, request, url_for
 from itsdangerous import BadSignature, Signer
-from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import signals
 from .context import RunContext, StepRecord, _cv_run
-from .errors import _Cancelled, _LeaseLost, _Suspend
+from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
 from .replay import CONTEXT_KEY, REPLAY_KEY, capture_request, encode_response, replay
 from .scheduler import Scheduler
 from .serde import dump_json, dump_value
-from .store import TERMINAL_STATUSES, LeaseLost, Store
+from .store import TERMINAL_STATUSES, UNAVAILABLE, LeaseLost, Store
 from .writer import CheckpointWriter
 
 if TYPE_CHECKING:
@@ -103,6 +102,7 @@ class _State:
             config["DURABLE_ENGINE_OPTIONS"],
             config["DURABLE_SQLITE_SYNCHRONOUS"],
             _float(config, "DURABLE_SQLITE_BUSY_TIMEOUT", 0),
+            _float(config, "DURABLE_LEASE_SECONDS", 0.1),
         )
         self.url_prefix: str = config["DURABLE_URL_PREFIX"]
         self.retries = _int(config, "DURABLE_RETRIES", 0)
@@ -171,12 +171,16 @@ class _State:
         with self._lock:
             pid = os.getpid()
             if self._ready_pid != pid:
-                if self.scheduler_enabled and scheduler is not False:
-                    self.scheduler.start()
+                # Without the scheduler, the heartbeat still keeps the
+                # leases of the runs this process's requests execute.
+                self.scheduler.start(
+                    full=self.scheduler_enabled and scheduler is not False
+                )
                 if self.store.is_postgres:
                     self._start_listener()
                 self._ready_pid = pid
             if scheduler and not self.scheduler.running:
+                self.scheduler.shutdown()
                 self.scheduler.start()
 
     def ensure_ready_quietly(self) -> None:
@@ -186,7 +190,7 @@ class _State:
             return
         try:
             self.ensure_ready()
-        except DBAPIError as e:
+        except UNAVAILABLE as e:
             log.warning("flask-durable could not start yet: %s", e)
 
     def _start_listener(self) -> None:
@@ -266,20 +270,24 @@ class _State:
         """Run a durable view for a new request or a replay."""
         try:
             self.ensure_ready()
-        except DBAPIError as e:
+        except UNAVAILABLE as e:
             return unavailable(e)
         environ = request.environ
         claim = environ.get(REPLAY_KEY)
         if claim is None:
             try:
                 started = self._start(options)
-            except DBAPIError as e:
+            except UNAVAILABLE as e:
                 return unavailable(e)
             if isinstance(started, Response):
                 return started
             ctx = started
         else:
-            records = [StepRecord(**r) for r in self.store.load_steps(claim["id"])]
+            try:
+                records = [StepRecord(**r) for r in self.store.load_steps(claim["id"])]
+            except UNAVAILABLE as e:
+                # Still leased: resumed again once the lease expires.
+                return unavailable(e, claim["id"])
             ctx = RunContext(
                 self,
                 run_id=claim["id"],
@@ -293,6 +301,7 @@ class _State:
                 new_run=None,
                 async_checkpoints=self._async(options),
             )
+            ctx.lease_renewed(claim["claimed_at"])
         environ[CONTEXT_KEY] = ctx
         if claim is not None:
             # The environ is copied on its way in; the claim dict is shared.
@@ -307,17 +316,15 @@ class _State:
             ctx.outcome = "cancelled"
             return self.cancelled_response(ctx.id, c.reason)
         except _LeaseLost:
-            ctx.outcome = "lost"
-            self.active.pop(ctx.id, None)
+            self._drop(ctx)
             # Another process took the run over: its client follows it there.
             return self.async_response(ctx.id, "running")
-        except DBAPIError as e:
+        except _StoreUnavailable as e:
             # Our database is unreachable: nothing is lost (what was committed
             # stays, a stored run is resumed once its lease expires); tell the
             # client to come back.
-            ctx.outcome = "lost"
-            self.active.pop(ctx.id, None)
-            return unavailable(e, ctx.id)
+            self._drop(ctx)
+            return unavailable(e.error, ctx.id)
         except BaseException as e:
             ctx.outcome = "failed"
             ctx.error = f"{type(e).__name__}: {e}"
@@ -326,6 +333,12 @@ class _State:
             _cv_run.reset(token)
         ctx.outcome = "completed"
         return rv
+
+    def _drop(self, ctx: RunContext) -> None:
+        """This execution ends without a final response: forget it here
+        (what it committed stays; another execution continues the run)."""
+        ctx.outcome = "lost"
+        self.active.pop(ctx.id, None)
 
     def _async(self, options: EndpointOptions) -> bool:
         mode = options.checkpoint or self.checkpoint_mode
@@ -471,14 +484,15 @@ class _State:
                 new_run=ctx.new_run,
             )
         except LeaseLost:
-            ctx.outcome = "lost"
-            self.active.pop(ctx.id, None)
+            self._drop(ctx)
             # Another process took the run over: its client follows it there.
             return self.async_response(ctx.id, "running")
-        except DBAPIError as e:
-            ctx.outcome = "lost"
-            self.active.pop(ctx.id, None)
+        except UNAVAILABLE as e:
+            self._drop(ctx)
             return unavailable(e, ctx.id)
+        except BaseException:
+            self._drop(ctx)
+            raise
         ctx.new_run = None
         ctx.in_db = True
         ctx.outcome = "suspended"
@@ -532,6 +546,7 @@ class _State:
             "waits_possible": ctx.is_replay or ctx.waited,
             "notify": ctx.preexisting,
         }
+        ctx.finishing = True
         if ctx.async_checkpoints:
             item["after"] = lambda: self._finished_async(ctx, status)
             self.writer.submit(ctx, item)
@@ -545,7 +560,7 @@ class _State:
             if not committed:
                 log.warning("run %s: lease lost before its response was stored", ctx.id)
                 return
-        except DBAPIError as e:
+        except UNAVAILABLE as e:
             # The client still gets the response; the run keeps its lease
             # and is replayed (steps memoized) to store it once it expires.
             log.warning("run %s: final response not stored: %s", ctx.id, e)
@@ -668,6 +683,9 @@ def claim_dict(row: Any, owner: str) -> dict[str, Any]:
         "cancel_requested": bool(row.cancel_requested),
         "endpoint": row.endpoint,
         "request": row.request,
+        # When the lease was taken, by this process's clock (a little late:
+        # after the claim's round trip, well inside the lease's margin).
+        "claimed_at": time.monotonic(),
     }
 
 

@@ -48,16 +48,21 @@ class Scheduler:
         self._inflight = 0
         self._timers: set[str] = set()
         self._backlog = False
+        self.full = False
 
     @property
     def running(self) -> bool:
-        return self._aps is not None
+        """Whether the full scheduler (not only the heartbeat) runs."""
+        return self._aps is not None and self.full
 
-    def start(self) -> None:
+    def start(self, *, full: bool = True) -> None:
+        """Start the timers.
+
+        :param full: ``False`` in a process that runs no scheduler
+            (``DURABLE_SCHEDULER = False``): only the heartbeat runs, which
+            keeps the leases of the runs its requests execute.
+        """
         state = self.state
-        self._pool = ThreadPoolExecutor(
-            state.workers, thread_name_prefix="durable-resume"
-        )
         aps = BackgroundScheduler(
             executors={"default": APSThreadPool(4)},
             job_defaults={
@@ -69,27 +74,32 @@ class Scheduler:
         )
         now = datetime.now(timezone.utc)
         aps.add_job(
-            self.sweep,
-            "interval",
-            seconds=state.poll_interval,
-            id="durable-sweep",
-            next_run_time=now,
-        )
-        aps.add_job(
             self.heartbeat,
             "interval",
             seconds=max(state.lease_seconds / 3.0, 0.05),
             id="durable-heartbeat",
         )
-        aps.add_job(
-            self.housekeeping,
-            "interval",
-            hours=1,
-            id="durable-housekeeping",
-            next_run_time=now,
-        )
+        if full:
+            self._pool = ThreadPoolExecutor(
+                state.workers, thread_name_prefix="durable-resume"
+            )
+            aps.add_job(
+                self.sweep,
+                "interval",
+                seconds=state.poll_interval,
+                id="durable-sweep",
+                next_run_time=now,
+            )
+            aps.add_job(
+                self.housekeeping,
+                "interval",
+                hours=1,
+                id="durable-housekeeping",
+                next_run_time=now,
+            )
         aps.start()
         self._aps = aps
+        self.full = full
 
     def shutdown(self) -> None:
         aps, pool = self._aps, self._pool
@@ -252,24 +262,29 @@ class Scheduler:
     def heartbeat(self) -> None:
         """Renew the leases of runs executing in this process."""
         state = self.state
-        leases = [(c.id, c.owner) for c in list(state.active.values()) if c.in_db]
-        if not leases:
+        contexts = [
+            c for c in list(state.active.values()) if c.in_db and not c.finishing
+        ]
+        if not contexts:
             return
+        started = time.monotonic()
         try:
-            lost, cancelled = state.store.renew(leases, state.lease_seconds)
+            lost, cancelled = state.store.renew(
+                [(c.id, c.owner) for c in contexts], state.lease_seconds
+            )
         except Exception:
             log.exception("durable heartbeat failed; retrying")
             return
-        for run_id in cancelled:
-            ctx = state.active.get(run_id)
-            if ctx is not None:
-                ctx.request_cancel()
-        for run_id in lost:
-            ctx = state.active.get(run_id)
-            if ctx is None:
-                continue  # finished meanwhile
-            log.warning("run %s: lease lost; stopping at its next step", run_id)
-            ctx.request_cancel("lost")
+        for ctx in contexts:
+            if ctx.id in lost:
+                if ctx.finishing or state.active.get(ctx.id) is not ctx:
+                    continue  # its final response was written meanwhile
+                log.warning("run %s: lease lost; stopping at its next step", ctx.id)
+                ctx.request_cancel("lost")
+            else:
+                ctx.lease_renewed(started)
+                if ctx.id in cancelled:
+                    ctx.request_cancel()
 
     def housekeeping(self) -> None:
         try:

@@ -29,8 +29,6 @@ from sqlalchemy.exc import IntegrityError
 #: Bump when the tables change; see ``docs/upgrading``.
 SCHEMA_VERSION = 1
 
-#: Statuses of a run that is not finished yet.
-ACTIVE_STATUSES = ("running", "scheduled", "sleeping", "waiting")
 #: Statuses of a finished run; its final response is stored.
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 
@@ -135,6 +133,11 @@ _STEP_COLUMNS = (
 )
 
 
+#: What a store call raises when the database cannot be used right now
+#: (unreachable, locked, out of connections): answered with ``503``.
+UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutError)
+
+
 class LeaseLost(Exception):
     """A write was refused because this process no longer owns the run."""
 
@@ -160,8 +163,12 @@ class Store:
         engine_options: dict[str, Any] | None = None,
         sqlite_synchronous: str = "NORMAL",
         sqlite_busy_timeout: float = 30.0,
+        lease_seconds: float = 15.0,
     ) -> None:
         options = dict(engine_options or {})
+        #: Seconds a lease lasts; a new run's lease starts when its row is
+        #: written, not when its request began.
+        self.lease_seconds = lease_seconds
         sa_url = sa.engine.make_url(url)
         self.dialect = sa_url.get_backend_name()
         self.is_sqlite = self.dialect == "sqlite"
@@ -277,6 +284,10 @@ class Store:
             f"UPDATE durable_steps SET {', '.join(f'{c} = :{c}' for c in settable)}"
             f" WHERE run_id = :run_id AND step_id = :step_id AND{owned}"
         )
+        self._sql_renew = sql(
+            "UPDATE durable_runs SET lease_expires_at = :expires"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
         self._sql_fence = sql(
             "UPDATE durable_runs SET updated_at = :now"
             " WHERE id = :id AND lease_owner = :owner"
@@ -358,9 +369,7 @@ class Store:
             yield from self._raw_unlocked(single)
 
     def _raw_unlocked(self, single: bool) -> Iterator[Any]:
-        conn: Any = (
-            self._sqlite_conn() if self.is_sqlite else self.engine.raw_connection()
-        )
+        conn: Any = self._sqlite_conn() if self.is_sqlite else self._connect()
         cur = None
         autocommit = single and self.is_postgres
         try:
@@ -407,8 +416,19 @@ class Store:
         check-in per transaction."""
         conn = self._sqlite_writer
         if conn is None:
-            conn = self._sqlite_writer = self.engine.raw_connection()
+            conn = self._sqlite_writer = self._connect()
         return conn
+
+    def _connect(self) -> Any:
+        """A pooled DB-API connection. Failing to open one (server down,
+        too many connections, pool exhausted) is a
+        :class:`~sqlalchemy.exc.DBAPIError` or
+        :class:`~sqlalchemy.exc.TimeoutError`, like Core's own errors, so
+        every caller answers it the same way (``503``)."""
+        try:
+            return self.engine.raw_connection()
+        except self._dbapi_error as e:
+            raise self._wrap(e) from e
 
     def _failed(self, conn: Any, cur: Any, error: Any) -> BaseException:
         """Discard the connection a driver error came from (and forget it if
@@ -424,12 +444,16 @@ class Store:
     def _discard(self, conn: Any, cur: Any, error: Any) -> None:
         """Invalidate a connection a driver error came from; after a server
         restart recycle the whole pool, as SQLAlchemy's own path does."""
-        if self.engine.dialect.is_disconnect(error, conn.dbapi_connection, cur):
-            invalidate_pool = getattr(self.engine.pool, "_invalidate", None)
-            if invalidate_pool is not None:
-                invalidate_pool(conn, error)
+        disconnected = self.engine.dialect.is_disconnect(
+            error, conn.dbapi_connection, cur
+        )
         if conn.is_valid:
             conn.invalidate(error)
+        if disconnected:
+            # The server went away: the other pooled connections are dead
+            # too. A fresh pool replaces them (checked-out ones are closed
+            # when they come back).
+            self.engine.dispose()
 
     def _wrap(self, error: Any) -> BaseException:
         """A driver error as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`."""
@@ -452,6 +476,8 @@ class Store:
     def _raw_insert_run(self, cur: Any, row: dict[str, Any]) -> None:
         params = dict.fromkeys(self._run_cols)
         params.update(row)
+        if params["lease_owner"] is not None:
+            params["lease_expires_at"] = _now() + self.lease_seconds
         cur.execute(self._sql_insert_run, params)
 
     @contextmanager
@@ -624,6 +650,7 @@ class Store:
             return
         if new_run is not None and self.is_postgres and len(inserts) == 1:
             params = {f"r_{c}": new_run.get(c) for c in self._run_cols}
+            params["r_lease_expires_at"] = _now() + self.lease_seconds
             params.update(inserts[0], run_id=run_id)
             with self._raw(single=True) as cur:
                 cur.execute(self._sql_insert_run_and_step, params)
@@ -640,7 +667,7 @@ class Store:
 
     def load_steps(self, run_id: str) -> list[dict[str, Any]]:
         """The steps of a run, in the order they first ran."""
-        conn = self.engine.raw_connection()
+        conn = self._connect()
         driver: Any = conn.driver_connection
         autocommit = self.is_postgres  # one statement: no transaction left open
         cur = None
@@ -970,6 +997,22 @@ class Store:
                     ).scalars()
                 )
         return lost, cancelled
+
+    def renew_one(self, run_id: str, owner: str) -> bool:
+        """Extend one lease now (a step is about to start and the last
+        heartbeat is too old to trust). Returns ``False`` when ``owner``
+        no longer holds the run."""
+        return (
+            self._execute_single(
+                self._sql_renew,
+                {
+                    "expires": _now() + self.lease_seconds,
+                    "id": run_id,
+                    "owner": owner,
+                },
+            )
+            == 1
+        )
 
     def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without changing anything else (the run is

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from flask import Blueprint, Response, request
-from sqlalchemy.exc import DBAPIError
 
 from .runtime import (
     get_state,
@@ -17,14 +16,17 @@ from .runtime import (
     stored_response,
     unavailable,
 )
-from .store import TERMINAL_STATUSES
+from .store import TERMINAL_STATUSES, UNAVAILABLE
 
 blueprint = Blueprint("durable", __name__)
 
 
-@blueprint.errorhandler(DBAPIError)
-def _database_unavailable(error: DBAPIError) -> Response:
+def _database_unavailable(error: Exception) -> Response:
     return unavailable(error)
+
+
+for _error in UNAVAILABLE:
+    blueprint.register_error_handler(_error, _database_unavailable)
 
 
 @blueprint.get("/wait/<token>")

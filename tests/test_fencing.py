@@ -34,7 +34,8 @@ def test_stalled_owner_cannot_overwrite_new_owner(
     make_app: Any, live_server: Any
 ) -> None:
     stalled_gate = threading.Event()
-    # "a": no scheduler, so no heartbeat renews its lease while it stalls.
+    # "a" stalls: once its run started, its heartbeat is stopped below, so
+    # nothing renews the lease while the step hangs.
     a = routes(
         make_app(DURABLE_SCHEDULER=False, DURABLE_LEASE_SECONDS=1), "a", stalled_gate
     )
@@ -59,6 +60,7 @@ def test_stalled_owner_cannot_overwrite_new_owner(
             break
         time.sleep(0.05)
     assert run_id is not None
+    a.extensions["durable"].scheduler.shutdown()
     for _ in range(200):
         with b.app_context():
             info = durable.get_run(run_id)

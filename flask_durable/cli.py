@@ -9,7 +9,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from .runtime import get_state
+from .lifecycle import get_lifecycle
 
 
 @click.group("durable")
@@ -22,8 +22,8 @@ def durable_cli() -> None:
 def worker() -> None:
     """Run only the scheduler: resume due and crashed runs until stopped
     (web processes may then set DURABLE_SCHEDULER=False)."""
-    state = get_state()
-    state.ensure_ready(scheduler=True)
+    lifecycle = get_lifecycle()
+    lifecycle.ensure_ready(scheduler=True)
     stop = threading.Event()
 
     def _stop(signum: int, frame: object) -> None:
@@ -32,9 +32,9 @@ def worker() -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     click.echo(
-        f"flask-durable worker for {current_app.name}: {state.store.engine.url!r}"
+        f"flask-durable worker for {current_app.name}: {lifecycle.store.engine.url!r}"
     )
     while not stop.wait(1.0):
         pass
-    state.close()
+    lifecycle.close()
     click.echo("flask-durable worker stopped")

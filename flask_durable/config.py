@@ -287,3 +287,20 @@ def _check_sqlite_file(key: str, url: sa.engine.URL) -> None:
             f"{key} names a SQLite file in a directory that does not exist:"
             f" {directory!r} (create it, or use another path)"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointOptions:
+    """The options of one ``@durable.endpoint``.
+
+    :ivar retries: retries per step (``None``: ``DURABLE_RETRIES``).
+    :ivar id: the endpoint's stable id (``None``: its Flask endpoint name).
+    :ivar timeout_seconds: cancel runs older than this (``None``: never).
+    :ivar checkpoint: ``"sync"`` or ``"async"`` (``None``:
+        ``DURABLE_CHECKPOINT``).
+    """
+
+    retries: int | None = None
+    id: str | None = None
+    timeout_seconds: float | None = None
+    checkpoint: Literal["sync", "async"] | None = None

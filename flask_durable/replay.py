@@ -9,6 +9,7 @@ run, whether it came from a client or from a replay.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from io import BytesIO
@@ -17,20 +18,21 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.exceptions import InternalServerError
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from .responses import encode_response
 from .serde import decode_envelope, encode_envelope
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from .context import RunContext
-    from .runtime import _State
+    from .execution import Execution
 
 log = logging.getLogger("flask_durable")
 
-#: Environ key marking a replay; holds the claim of the run being resumed.
-#: Only this process can set it: no client header maps to it.
+#: Environ key marking a replay; holds the
+#: :class:`~flask_durable.records.Claim` of the run being resumed. Only this
+#: process can set it: no client header maps to it.
 REPLAY_KEY = "flask_durable.replay"
-#: Environ key holding the :class:`~flask_durable.context.RunContext` of a
+#: Environ key holding the :class:`~flask_durable.execution.Execution` of a
 #: request that reached a durable endpoint.
 CONTEXT_KEY = "flask_durable.run"
 
@@ -94,33 +96,45 @@ def build_environ(blob: bytes) -> WSGIEnvironment:
     return environ
 
 
-def encode_response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    return encode_envelope({"status": status, "headers": headers}, body)
-
-
-def decode_response(blob: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
-    meta, body = decode_envelope(blob)
-    return meta["status"], [(k, v) for k, v in meta["headers"]], body
-
-
-def _with_run_id(headers: list[tuple[str, str]], run_id: str) -> list[tuple[str, str]]:
+def with_run_id(headers: list[tuple[str, str]], run_id: str) -> list[tuple[str, str]]:
+    """``headers`` with ``Durable-Run-Id`` (unless it is there)."""
     if not any(k.lower() == "durable-run-id" for k, _ in headers):
         headers = [*headers, ("Durable-Run-Id", run_id)]
     return headers
 
 
 class CaptureMiddleware:
-    """Buffers the response of requests that ran a durable view, stores it
-    as the run's final response when the run is finished, and adds the
-    ``Durable-Run-Id`` header. Other requests pass through untouched."""
+    """The bottom of ``app.wsgi_app``: buffers the response of a request
+    that ran a durable view, stores it as the run's final response when the
+    run is finished, and adds the ``Durable-Run-Id`` header.
 
-    def __init__(self, wsgi_app: WSGIApplication, state: _State) -> None:
+    Other requests pass through with one extra call: nothing is buffered,
+    no database is touched. The first request of a process calls
+    ``on_first_request`` (which starts the scheduler without blocking).
+
+    :param finish: stores an execution's final response.
+    :param forget: drops an execution that ends without a final response.
+    """
+
+    def __init__(
+        self,
+        wsgi_app: WSGIApplication,
+        finish: Callable[[Execution, bytes], None],
+        forget: Callable[[Execution], None],
+        on_first_request: Callable[[], None],
+    ) -> None:
         self.wsgi_app = wsgi_app
-        self.state = state
+        self.finish = finish
+        self.forget = forget
+        self.on_first_request = on_first_request
+        self._pid = 0
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
     ) -> Iterable[bytes]:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self.on_first_request()
         captured: list[Any] = []
         chunks: list[bytes] = []
 
@@ -135,12 +149,15 @@ class CaptureMiddleware:
         try:
             app_iter = self.wsgi_app(environ, capture)
         except BaseException:
-            ctx = environ.get(CONTEXT_KEY)
-            if ctx is not None:
-                self._store_crash(ctx, environ)
+            ex = environ.get(CONTEXT_KEY)
+            if ex is not None:
+                self._store_crash(ex, environ)
             raise
-        ctx = environ.get(CONTEXT_KEY)
-        if ctx is None or not captured:
+        ex = environ.get(CONTEXT_KEY)
+        if ex is None:
+            return app_iter
+        if not captured:
+            self.forget(ex)
             return app_iter
         try:
             chunks.extend(app_iter)
@@ -149,52 +166,40 @@ class CaptureMiddleware:
             if close is not None:
                 close()
         status, headers, exc_info = captured
-        headers = _with_run_id(list(headers), ctx.id)
+        headers = with_run_id(list(headers), ex.id)
         body = b"".join(chunks)
-        if ctx.outcome in ("completed", "failed", "cancelled"):
-            self.state.finish(ctx, encode_response(status, headers, body))
+        if ex.outcome in ("completed", "failed", "cancelled"):
+            self.finish(ex, encode_response(status, headers, body))
+        else:
+            self.forget(ex)
         start_response(status, headers, exc_info)
         return [body]
 
-    def _store_crash(self, ctx: RunContext, environ: WSGIEnvironment) -> None:
+    def _store_crash(self, ex: Execution, environ: WSGIEnvironment) -> None:
         """The app raised (``PROPAGATE_EXCEPTIONS``): store the 500 that a
         server would have sent."""
-        if ctx.outcome in ("suspended", "lost"):
+        if ex.outcome in ("suspended", "lost"):
             return
-        ctx.outcome = "failed"
+        ex.outcome = "failed"
         response = InternalServerError().get_response(environ)
-        headers = _with_run_id(list(response.headers.items()), ctx.id)
-        self.state.finish(
-            ctx, encode_response(response.status, headers, response.get_data())
-        )
+        headers = with_run_id(list(response.headers.items()), ex.id)
+        self.finish(ex, encode_response(response.status, headers, response.get_data()))
 
 
-def replay(state: _State, claim: dict[str, Any]) -> None:
-    """Resume a claimed run by calling the app with its stored request."""
-    run_id = claim["id"]
-    environ = build_environ(claim["request"])
-    environ[REPLAY_KEY] = claim
+def replay(
+    app: WSGIApplication, environ: WSGIEnvironment
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Call the app with a rebuilt request as a server would; returns the
+    response it sent. The final response of a run that reached its durable
+    view is stored by :class:`CaptureMiddleware` on the way.
+
+    :raises Exception: what the app raised (``PROPAGATE_EXCEPTIONS``).
+    """
+    app_iter, status, headers = run_wsgi_app(app, environ, buffered=True)
     try:
-        app_iter, status, headers = run_wsgi_app(state.app, environ, buffered=True)
         body = b"".join(app_iter)
+    finally:
         close = getattr(app_iter, "close", None)
         if close is not None:
             close()
-    except Exception:
-        # The 500 was stored by CaptureMiddleware; the app's own logging
-        # reported the error.
-        log.debug("replay of run %s raised", run_id, exc_info=True)
-        return
-    if "context" not in claim:
-        # The request no longer reaches a durable view (route removed, a
-        # before_request hook answered): that answer is the run's last.
-        log.warning(
-            "replay of run %s did not reach a durable view (%s); finishing it",
-            run_id,
-            status,
-        )
-        state.finish_detached(
-            claim,
-            "failed",
-            encode_response(status, _with_run_id(list(headers.items()), run_id), body),
-        )
+    return status, list(headers.items()), body

@@ -20,16 +20,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
-if TYPE_CHECKING:
-    from .runtime import _State
+from .config import Config
+from .execution import Execution
+from .records import Claim
+from .store import Store
 
 log = logging.getLogger("flask_durable")
 
@@ -38,10 +40,32 @@ _EVENT_RETENTION = 2 * 86400.0
 
 
 class Scheduler:
-    """The background machinery of one app in one process."""
+    """The background machinery of one app in one process.
 
-    def __init__(self, state: _State) -> None:
-        self.state = state
+    :param config: the app's configuration.
+    :param store: the app's store.
+    :param active: the executions running in this process, by run id.
+    :param resume: executes a claimed run.
+    :param new_owner: a new lease owner name for a claim.
+    :param endpoints: the endpoint ids this process can execute; only their
+        runs are claimed.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        active: Mapping[str, Execution],
+        resume: Callable[[Claim], None],
+        new_owner: Callable[[], str],
+        endpoints: Callable[[], Sequence[str]],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.active = active
+        self.resume = resume
+        self.new_owner = new_owner
+        self.endpoints = endpoints
         self._aps: BackgroundScheduler | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -62,7 +86,7 @@ class Scheduler:
             (``DURABLE_SCHEDULER = False``): only the heartbeat runs, which
             keeps the leases of the runs its requests execute.
         """
-        state = self.state
+        config = self.config
         aps = BackgroundScheduler(
             executors={"default": APSThreadPool(4)},
             job_defaults={
@@ -76,17 +100,17 @@ class Scheduler:
         aps.add_job(
             self.heartbeat,
             "interval",
-            seconds=max(state.lease_seconds / 3.0, 0.05),
+            seconds=max(config.lease_seconds / 3.0, 0.05),
             id="durable-heartbeat",
         )
         if full:
             self._pool = ThreadPoolExecutor(
-                state.workers, thread_name_prefix="durable-resume"
+                config.workers, thread_name_prefix="durable-resume"
             )
             aps.add_job(
                 self.sweep,
                 "interval",
-                seconds=state.poll_interval,
+                seconds=config.poll_interval,
                 id="durable-sweep",
                 next_run_time=now,
             )
@@ -118,7 +142,7 @@ class Scheduler:
         aps = self._aps
         if aps is None:
             return
-        if due_at - time.time() > self.state.poll_interval * 1.5:
+        if due_at - time.time() > self.config.poll_interval * 1.5:
             return
         job_id = f"wake:{run_id}"
         with self._lock:
@@ -176,13 +200,10 @@ class Scheduler:
                 self._inflight -= 1
 
     def _claim_and_resume(self, run_id: str) -> None:
-        from .runtime import claim_dict
-
         try:
-            owner = self.state.new_owner()
-            row = self.state.store.claim(run_id, owner, self.state.lease_seconds)
-            if row is not None:
-                self.state.resume(claim_dict(row, owner))
+            claim = self.store.claim(run_id, self.new_owner(), self.endpoints())
+            if claim is not None:
+                self.resume(claim)
             self._drain()
         except Exception:
             log.exception("resuming run %s failed", run_id)
@@ -190,12 +211,12 @@ class Scheduler:
             with self._lock:
                 self._inflight -= 1
 
-    def _resume_claimed(self, claim: dict[str, Any]) -> None:
+    def _resume_claimed(self, claim: Claim) -> None:
         try:
-            self.state.resume(claim)
+            self.resume(claim)
             self._drain()
         except Exception:
-            log.exception("resuming run %s failed", claim["id"])
+            log.exception("resuming run %s failed", claim.id)
         finally:
             # Counted as busy until the drain ends too, so the sweeper never
             # claims runs that would wait (lease ticking) for a thread.
@@ -207,77 +228,70 @@ class Scheduler:
         claiming and resuming them one by one (a backlog of thousands of
         due runs drains at full speed, not a batch per sweep). A claim is
         made only when this thread is about to execute the run."""
-        from .runtime import claim_dict
-
-        state = self.state
         while self._backlog and self._pool is not None:
             try:
-                owner = state.new_owner()
-                rows = state.store.claim_due(owner, state.lease_seconds, 1)
+                claims = self.store.claim_due(self.new_owner(), 1, self.endpoints())
             except Exception:
                 log.exception("durable claim failed; the next sweep retries")
                 return
-            if not rows:
+            if not claims:
                 self._backlog = False
                 return
             try:
-                state.resume(claim_dict(rows[0], owner))
+                self.resume(claims[0])
             except Exception:
-                log.exception("resuming run %s failed", rows[0].id)
+                log.exception("resuming run %s failed", claims[0].id)
 
     # -- periodic jobs --------------------------------------------------------
 
     def sweep(self) -> None:
         """Claim due runs (up to the free threads) and time the ones due
         before the next sweep."""
-        from .runtime import claim_dict
-
-        state = self.state
         pool = self._pool
         if pool is None:
             return
+        config = self.config
         try:
+            endpoints = self.endpoints()
             with self._lock:
-                free = state.workers - self._inflight
+                free = config.workers - self._inflight
             if free <= 0:
                 self._backlog = True  # busy threads drain when they finish
             else:
-                owner = state.new_owner()
-                rows = state.store.claim_due(owner, state.lease_seconds, free)
-                self._backlog = len(rows) == free
-                for row in rows:
+                owner = self.new_owner()
+                claims = self.store.claim_due(owner, free, endpoints)
+                self._backlog = len(claims) == free
+                for claim in claims:
                     with self._lock:
                         self._inflight += 1
                     try:
-                        pool.submit(self._resume_claimed, claim_dict(row, owner))
+                        pool.submit(self._resume_claimed, claim)
                     except RuntimeError:
                         with self._lock:
                             self._inflight -= 1
-                        state.store.release(row.id, owner)
-            for run_id, due_at in state.store.upcoming(state.poll_interval * 1.5, 1000):
+                        self.store.release(claim.id, owner)
+            horizon = config.poll_interval * 1.5
+            for run_id, due_at in self.store.upcoming(horizon, 1000, endpoints):
                 self.wake_at(run_id, due_at)
         except Exception:
             log.exception("durable sweep failed; retrying at the next interval")
 
     def heartbeat(self) -> None:
         """Renew the leases of runs executing in this process."""
-        state = self.state
         contexts = [
-            c for c in list(state.active.values()) if c.in_db and not c.finishing
+            c for c in list(self.active.values()) if c.in_db and not c.finishing
         ]
         if not contexts:
             return
         started = time.monotonic()
         try:
-            lost, cancelled = state.store.renew(
-                [(c.id, c.owner) for c in contexts], state.lease_seconds
-            )
+            lost, cancelled = self.store.renew([(c.id, c.owner) for c in contexts])
         except Exception:
             log.exception("durable heartbeat failed; retrying")
             return
         for ctx in contexts:
             if ctx.id in lost:
-                if ctx.finishing or state.active.get(ctx.id) is not ctx:
+                if ctx.finishing or self.active.get(ctx.id) is not ctx:
                     continue  # its final response was written meanwhile
                 log.warning("run %s: lease lost; stopping at its next step", ctx.id)
                 ctx.request_cancel("lost")
@@ -288,6 +302,6 @@ class Scheduler:
 
     def housekeeping(self) -> None:
         try:
-            self.state.store.purge_events(time.time() - _EVENT_RETENTION)
+            self.store.purge_events(time.time() - _EVENT_RETENTION)
         except Exception:
             log.exception("durable housekeeping failed")

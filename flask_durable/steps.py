@@ -15,15 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
-from . import signals
-from .context import (
-    RunContext,
-    StepContext,
-    StepRecord,
-    _cv_step,
-    get_run_context,
-    raise_for_failed,
-)
+from .context import CurrentStep, _cv_branch, _cv_step, get_execution
 from .durations import Duration, parse_duration, parse_instant
 from .errors import (
     NonRetriableError,
@@ -31,6 +23,17 @@ from .errors import (
     StepError,
     _Interrupt,
     _Suspend,
+)
+from .execution import Execution, raise_for_failed
+from .records import (
+    STEP_COMPLETED,
+    STEP_ERROR,
+    STEP_FAILED,
+    STEP_RUNNING,
+    STEP_SLEEPING,
+    STEP_WAITING,
+    StepRecord,
+    WaitSpec,
 )
 from .serde import dump_json, dump_value, load_value
 
@@ -40,14 +43,10 @@ T = TypeVar("T")
 _EPSILON = 0.002
 
 
-def _backoff(ctx: RunContext, failures: int) -> float:
-    state = ctx.state
-    base = state.retry_backoff * (2 ** (failures - 1))
-    return min(state.retry_backoff_max, base) * random.uniform(0.5, 1.0)
-
-
-def _error_text(error: BaseException) -> str:
-    return dump_json([type(error).__name__, str(error)])
+def _backoff(ctx: Execution, failures: int) -> float:
+    config = ctx.config
+    base = config.retry_backoff * (2 ** (failures - 1))
+    return min(config.retry_backoff_max, base) * random.uniform(0.5, 1.0)
 
 
 def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -67,34 +66,38 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     :param fn: the function to call.
     :raises TypeError: when ``fn`` returns a value that cannot be stored.
     """
-    ctx = get_run_context("step.run")
+    ctx = get_execution("step.run")
     if not callable(fn):
         raise TypeError(f"step.run({step_id!r}, ...) needs a callable, not {fn!r}")
     sid = ctx.unique_id(step_id)
     rec = ctx.memo.get(sid)
     if rec is not None:
-        if rec.status == "completed":
+        if rec.status == STEP_COMPLETED:
             return load_value(rec.output or "null")
-        if rec.status == "failed":
+        if rec.status == STEP_FAILED:
             raise_for_failed(rec)
-        if rec.status == "error" and rec.due_at and rec.due_at > time.time() + _EPSILON:
-            raise _Suspend(rec.due_at, "scheduled")
+        if (
+            rec.status == STEP_ERROR
+            and rec.due_at
+            and rec.due_at > time.time() + _EPSILON
+        ):
+            raise ctx.interrupted(_Suspend(rec.due_at, "scheduled"))
     ctx.boundary()
-    state = ctx.state
-    rec = ctx.next_record(sid, "running")
-    if len(ctx.memo) >= state.max_steps and sid not in ctx.memo:
-        rec.status = "failed"
+    config = ctx.config
+    rec = ctx.next_record(sid, STEP_RUNNING)
+    if len(ctx.memo) >= config.max_steps and sid not in ctx.memo:
+        rec.status = STEP_FAILED
         rec.error = dump_json(
             [
                 "ValueError",
-                f"the run has more than DURABLE_MAX_STEPS ({state.max_steps}) steps",
+                f"the run has more than DURABLE_MAX_STEPS ({config.max_steps}) steps",
             ]
         )
         rec.finished_at = time.time()
         ctx.checkpoint(rec)
         raise_for_failed(rec)
     attempt = rec.attempts
-    token = _cv_step.set(StepContext(sid, attempt, ctx.id))
+    token = _cv_step.set(CurrentStep(sid, attempt, ctx.id))
     try:
         value = fn(*args, **kwargs)
     except _Interrupt:
@@ -114,32 +117,30 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     rec.attempts = attempt + 1
     rec.finished_at = time.time()
     rec.due_at = None
-    if len(text) > state.max_step_output:
-        rec.status = "failed"
+    if len(text) > config.max_step_output:
+        rec.status = STEP_FAILED
         rec.error = dump_json(
             [
                 "ValueError",
                 f"output is {len(text)} bytes, over DURABLE_MAX_STEP_OUTPUT"
-                f" ({state.max_step_output})",
+                f" ({config.max_step_output})",
             ]
         )
     else:
-        rec.status = "completed"
+        rec.status = STEP_COMPLETED
         rec.output = text
         rec.error = None
     ctx.checkpoint(rec)
-    if rec.status == "failed":
+    if rec.status == STEP_FAILED:
         raise_for_failed(rec)
     return load_value(text)
 
 
-def _failed(ctx: RunContext, rec: StepRecord, error: Exception) -> NoReturn:
+def _failed(ctx: Execution, rec: StepRecord, error: Exception) -> NoReturn:
     """Record a failed attempt: retry later (suspend) or fail for good."""
     now = time.time()
-    rec.attempts += 1
-    rec.error = _error_text(error)
     retry_at: float | None = None
-    if not isinstance(error, NonRetriableError) and rec.attempts <= ctx.retries:
+    if not isinstance(error, NonRetriableError) and rec.attempts < ctx.retries:
         if isinstance(error, RetryAfterError):
             after = error.retry_after
             try:
@@ -150,23 +151,21 @@ def _failed(ctx: RunContext, rec: StepRecord, error: Exception) -> NoReturn:
                 else:
                     retry_at = now + parse_duration(after)  # type: ignore[arg-type]
             except (TypeError, ValueError):
-                retry_at = now + _backoff(ctx, rec.attempts)
+                retry_at = now + _backoff(ctx, rec.attempts + 1)
             retry_at = max(retry_at, now)
         else:
-            retry_at = now + _backoff(ctx, rec.attempts)
+            retry_at = now + _backoff(ctx, rec.attempts + 1)
+    ctx.attempt_failed(rec, error, will_retry=retry_at is not None)
     if retry_at is None:
-        rec.status = "failed"
+        rec.status = STEP_FAILED
         rec.finished_at = now
         rec.due_at = None
         ctx.checkpoint(rec)
         raise StepError(rec.step_id, type(error).__name__, str(error)) from error
-    rec.status = "error"
+    rec.status = STEP_ERROR
     rec.due_at = retry_at
     ctx.park(rec)
-    signals.step_failed.send(
-        ctx.state.app, run_id=ctx.id, step_id=rec.step_id, final=False
-    )
-    raise _Suspend(retry_at, "scheduled") from error
+    raise ctx.interrupted(_Suspend(retry_at, "scheduled")) from error
 
 
 def _looks_like_duration(value: Any) -> bool:
@@ -186,7 +185,7 @@ def sleep(step_id: str, duration: Duration) -> None:
         seconds or a :class:`~datetime.timedelta`.
     :raises ValueError: for a malformed duration.
     """
-    ctx = get_run_context("step.sleep")
+    ctx = get_execution("step.sleep")
     sid = ctx.unique_id(step_id)
     try:
         seconds = parse_duration(duration)
@@ -199,7 +198,7 @@ def sleep_until(step_id: str, when: datetime | str) -> None:
     """Suspend the run until ``when`` (a :class:`~datetime.datetime`, naive
     means UTC, or an ISO-8601 string). A time in the past does not sleep.
     """
-    ctx = get_run_context("step.sleep_until")
+    ctx = get_execution("step.sleep_until")
     sid = ctx.unique_id(step_id)
     try:
         at = parse_instant(when)
@@ -208,29 +207,29 @@ def sleep_until(step_id: str, when: datetime | str) -> None:
     _sleep(ctx, sid, lambda now: at)
 
 
-def _sleep(ctx: RunContext, sid: str, wake: Callable[[float], float]) -> None:
+def _sleep(ctx: Execution, sid: str, wake: Callable[[float], float]) -> None:
     rec = ctx.memo.get(sid)
     now = time.time()
     if rec is not None:
-        if rec.status == "completed":
+        if rec.status == STEP_COMPLETED:
             return
-        if rec.status == "sleeping" and rec.due_at and rec.due_at > now + _EPSILON:
-            raise _Suspend(rec.due_at, "sleeping")
+        if rec.status == STEP_SLEEPING and rec.due_at and rec.due_at > now + _EPSILON:
+            raise ctx.interrupted(_Suspend(rec.due_at, "sleeping"))
     ctx.boundary()
-    rec = ctx.next_record(sid, "sleeping")
-    due = rec.due_at if rec.status == "sleeping" and rec.due_at else wake(now)
+    rec = ctx.next_record(sid, STEP_SLEEPING)
+    due = rec.due_at if rec.status == STEP_SLEEPING and rec.due_at else wake(now)
     if due <= now + _EPSILON:
-        rec.status = "completed"
+        rec.status = STEP_COMPLETED
         rec.output = "null"
         rec.attempts += 1
         rec.finished_at = now
         rec.due_at = None
         ctx.settle(rec)
         return
-    rec.status = "sleeping"
+    rec.status = STEP_SLEEPING
     rec.due_at = due
     ctx.park(rec)
-    raise _Suspend(due, "sleeping")
+    raise ctx.interrupted(_Suspend(due, "sleeping"))
 
 
 def wait_for_event(
@@ -247,7 +246,7 @@ def wait_for_event(
     :returns: the event (``name``, ``data``, ``id``, ``ts`` in milliseconds)
         or ``None`` when ``timeout`` passes first.
     """
-    ctx = get_run_context("step.wait_for_event")
+    ctx = get_execution("step.wait_for_event")
     sid = ctx.unique_id(step_id)
     if not isinstance(event, str) or not event or len(event) > 255:
         raise ValueError(
@@ -263,12 +262,12 @@ def wait_for_event(
     rec = ctx.memo.get(sid)
     now = time.time()
     if rec is not None:
-        if rec.status == "completed":
+        if rec.status == STEP_COMPLETED:
             return load_value(rec.output or "null")
-        if rec.status == "waiting" and rec.due_at and rec.due_at > now + _EPSILON:
-            raise _Suspend(rec.due_at, "waiting")
-        if rec.status == "waiting":
-            rec.status = "completed"
+        if rec.status == STEP_WAITING and rec.due_at and rec.due_at > now + _EPSILON:
+            raise ctx.interrupted(_Suspend(rec.due_at, "waiting"))
+        if rec.status == STEP_WAITING:
+            rec.status = STEP_COMPLETED
             rec.output = "null"
             rec.attempts += 1
             rec.finished_at = now
@@ -276,20 +275,11 @@ def wait_for_event(
             ctx.checkpoint(rec)
             return None
     ctx.boundary()
-    rec = ctx.next_record(sid, "waiting")
-    rec.status = "waiting"
+    rec = ctx.next_record(sid, STEP_WAITING)
+    rec.status = STEP_WAITING
     rec.due_at = now + seconds
-    ctx.park(
-        rec,
-        wait={
-            "step_id": sid,
-            "event": event,
-            "match": match_text,
-            "since": now,
-            "expires_at": rec.due_at,
-        },
-    )
-    raise _Suspend(rec.due_at, "waiting")
+    ctx.park(rec, WaitSpec(sid, event, match_text, now, rec.due_at))
+    raise ctx.interrupted(_Suspend(rec.due_at, "waiting"))
 
 
 def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:
@@ -301,19 +291,19 @@ def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:
     branch that will be retried suspends the run only after the others have
     finished. A branch that failed for good raises :class:`StepError` here.
     """
-    ctx = get_run_context("step.parallel")
+    ctx = get_execution("step.parallel")
     for thunk in thunks:
         if not callable(thunk):
             raise TypeError(f"step.parallel() takes callables, not {thunk!r}")
     if not thunks:
         return ()
-    workers = max(1, min(len(thunks), ctx.state.max_parallel))
+    workers = max(1, min(len(thunks), ctx.config.max_parallel))
     results: list[Any] = [None] * len(thunks)
     suspends: list[_Suspend] = []
     interrupts: list[BaseException] = []
     failures: list[BaseException] = []
     with ThreadPoolExecutor(workers, thread_name_prefix="durable-branch") as pool:
-        futures = [pool.submit(contextvars.copy_context().run, t) for t in thunks]
+        futures = [pool.submit(_branch, contextvars.copy_context(), t) for t in thunks]
         for i, future in enumerate(futures):
             try:
                 results[i] = future.result()
@@ -324,11 +314,17 @@ def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:
             except BaseException as e:  # noqa: B036 - re-raised below
                 failures.append(e)
     if interrupts:
-        raise interrupts[0]
+        raise ctx.interrupted(interrupts[0])  # type: ignore[arg-type]
     step_errors = [f for f in failures if isinstance(f, StepError)]
     if step_errors or failures:
         raise (step_errors or failures)[0]
     if suspends:
         first = min(suspends, key=lambda s: s.due_at)
-        raise _Suspend(first.due_at, first.status)
+        raise ctx.interrupted(_Suspend(first.due_at, first.status))
     return tuple(results)
+
+
+def _branch(context: contextvars.Context, thunk: Callable[[], T]) -> T:
+    """Run one ``step.parallel`` branch in a copy of the view's context."""
+    context.run(_cv_branch.set, True)
+    return context.run(thunk)

@@ -9,14 +9,10 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from .runtime import (
-    get_state,
-    json_response,
-    prefers_async,
-    stored_response,
-    unavailable,
-)
-from .store import TERMINAL_STATUSES, UNAVAILABLE
+from .lifecycle import get_lifecycle
+from .records import TERMINAL_STATUSES
+from .responses import json_response, prefers_async, stored_response, unavailable
+from .store import UNAVAILABLE
 
 blueprint = Blueprint("durable", __name__)
 
@@ -33,27 +29,28 @@ for _error in UNAVAILABLE:
 def wait(token: str) -> Response:
     """Long-poll until the run is finished, then answer with its final
     response exactly as the view produced it."""
-    state = get_state()
-    run_id = state.unsign(token)
+    lifecycle = get_lifecycle()
+    run_id = lifecycle.tokens.unsign(token)
     if run_id is None:
         return json_response(404, error="unknown or invalid wait token")
-    deadline = time.monotonic() + state.wait_timeout
+    lifecycle.start_in_background()
+    deadline = time.monotonic() + lifecycle.config.wait_timeout
     status = "unknown"
     while True:
-        listener = state.waiters.subscribe(run_id)
+        listener = lifecycle.waiters.subscribe(run_id)
         try:
-            found = state.store.get_final(run_id)
+            found = lifecycle.store.get_final(run_id)
             if found is None:
                 return json_response(404, error="unknown run", run_id=run_id)
-            status, blob = found
-            if status in TERMINAL_STATUSES and blob is not None:
-                return stored_response(blob)
+            status = found.status
+            if status in TERMINAL_STATUSES and found.response is not None:
+                return stored_response(found.response)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            listener.wait(min(remaining, state.poll_interval))
+            listener.wait(min(remaining, lifecycle.config.poll_interval))
         finally:
-            state.waiters.unsubscribe(run_id, listener)
+            lifecycle.waiters.unsubscribe(run_id, listener)
     if prefers_async(request.headers.get("Prefer")):
         response = json_response(202, run_id, run_id=run_id, status=status)
         response.headers["Retry-After"] = "1"
@@ -70,13 +67,14 @@ def wait(token: str) -> Response:
 @blueprint.post("/events")
 def events() -> Response:
     """Record one event or a list of them: ``{"name", "data", "id"}``."""
-    state = get_state()
-    if not state.event_key:
+    lifecycle = get_lifecycle()
+    event_key = lifecycle.config.event_key
+    if not event_key:
         return json_response(404, error="not found")
     auth = request.headers.get("Authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        key.strip().encode(), state.event_key.encode()
+        key.strip().encode(), event_key.encode()
     ):
         response = json_response(401, error="missing or wrong bearer key")
         response.headers["WWW-Authenticate"] = 'Bearer realm="durable-events"'
@@ -93,7 +91,7 @@ def events() -> Response:
         if problem is not None:
             return json_response(400, error=f"event {i}: {problem}")
         checked.append((item["name"], item.get("data"), item.get("id")))
-    ids = [state.send(name, data, event_id) for name, data, event_id in checked]
+    ids = [lifecycle.send(name, data, event_id) for name, data, event_id in checked]
     return json_response(202, ids=ids)
 
 

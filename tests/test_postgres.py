@@ -166,9 +166,20 @@ def test_gunicorn_worker_sigkilled(
     # Whichever worker answers runs exactly one scheduler (it starts
     # lazily on a worker's first request, after the fork).
     for _ in range(2 * nworkers):
-        health = master.get("/health").json()
+        health = settled_health(master)
         assert health["pid"] in seen_workers
         assert health["threads"].count("APScheduler") == 1, health
+
+
+def settled_health(server: Any) -> dict[str, Any]:
+    """``/health`` once the scheduler that a worker's first request starts
+    (in a thread of its own, so that no request waits for it) is up."""
+    for _ in range(100):
+        health: dict[str, Any] = server.get("/health").json()
+        if "durable-start" not in health["threads"]:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"the scheduler did not start: {health}")
 
 
 # -- 4. PostgreSQL restarted while runs sleep or wait for a retry ----------

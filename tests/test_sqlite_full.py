@@ -31,8 +31,8 @@ def test_full_mode_stores_the_response_and_stays_full(
 
     def synchronous() -> int:
         # The setting of the connection every write goes through (2 = FULL).
-        with store._writer:
-            raw = store._sqlite_writer.driver_connection
+        with store._lock:
+            raw = store._writer.driver_connection
             return int(raw.execute("PRAGMA synchronous").fetchone()[0])
 
     seen: list[int] = []

@@ -12,7 +12,7 @@ from flask import Flask, jsonify
 from flask_durable import Durable, current_run, current_step, step
 from flask_durable.durations import parse_duration, parse_instant
 from flask_durable.errors import RetryAfterError, StepError
-from flask_durable.runtime import matches
+from flask_durable.events import matches
 from flask_durable.serde import dump_value, load_value
 
 durable = Durable()

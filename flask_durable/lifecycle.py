@@ -1,0 +1,753 @@
+"""The run state machine of one app: the one place a run changes state.
+
+A run is *started* by a request (:meth:`Lifecycle.execute`), *suspended*
+when a step must wait (:meth:`Lifecycle.suspend`), *finished* with its final
+response (:meth:`Lifecycle.finish`, :meth:`Lifecycle.finish_detached`),
+*resumed* by the scheduler (:meth:`Lifecycle.resume`), *rescheduled* when no
+handler here can run it, and *cancelled* (:meth:`Lifecycle.cancel`). Each of
+these methods writes through the store or the run's committer, then, once
+the write is committed, sends the signal and wakes the waiters that announce
+it. ``docs/internals.rst`` draws the states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, current_app, request, url_for
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from . import signals
+from .commit import (
+    BatchedCommitter,
+    Committer,
+    DirectCommitter,
+    GroupCommitter,
+    WriterThread,
+)
+from .config import Config, EndpointOptions
+from .context import _cv_run
+from .durations import to_datetime
+from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
+from .events import EventBus
+from .execution import Execution, swallowed_error
+from .records import (
+    TERMINAL_STATUSES,
+    Claim,
+    Finish,
+    NewRun,
+    RunInfo,
+    RunStatus,
+    StepInfo,
+    StepRecord,
+    Suspension,
+)
+from .replay import CONTEXT_KEY, REPLAY_KEY, build_environ, capture_request, replay
+from .responses import (
+    cancelled,
+    decode_response,
+    encode_flask_response,
+    encode_response,
+    go_wait,
+    json_response,
+    stored_response,
+    unavailable,
+)
+from .scheduler import Scheduler
+from .serde import load_json, load_value
+from .store import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, open_store
+from .tokens import WaitTokens
+
+log = logging.getLogger("flask_durable")
+
+_LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
+_IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Attribute of a durable view function holding its EndpointOptions.
+OPTIONS_ATTR = "__durable_endpoint__"
+#: How long a run waits before a process that has no handler for it (a
+#: rolling deploy, a renamed route) gives it back to be tried again.
+_UNHANDLED_DELAY = 30.0
+
+
+def _new_run_id() -> str:
+    """32 hex characters, ordered by creation time (ms) then random."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+
+
+class _Ticket:
+    """What a replay carries in its environ: the claim, and whether the
+    request reached a durable view."""
+
+    __slots__ = ("claim", "reached")
+
+    def __init__(self, claim: Claim) -> None:
+        self.claim = claim
+        self.reached = False
+
+
+class Lifecycle:
+    """What :class:`~flask_durable.Durable` keeps for one app, in
+    ``app.extensions["durable"]``."""
+
+    def __init__(self, app: Flask, config: Config) -> None:
+        self.app = app
+        self.config = config
+        self.store = open_store(config)
+        self.tokens = WaitTokens(config.secret_key or app.secret_key, self.store.secret)
+        self.active: dict[str, Execution] = {}
+        self.waiters = _Waiters()
+        self.events = EventBus(self.store, self._wake)
+        self._lock = threading.Lock()
+        self._counter = itertools.count()
+        self._owner_prefix = ""
+        self._ready_pid: int | None = None
+        self._schema_pid: int | None = None
+        self._endpoints: tuple[int, tuple[str, ...]] = (-1, ())
+        self.closed = False
+        self._new_process()
+        _LIFECYCLES.add(self)
+
+    def _new_process(self) -> None:
+        """Threads and committers of this process."""
+        config = self.config
+        self.writer = WriterThread(
+            self.store, config.checkpoint_batch, config.checkpoint_interval
+        )
+        self._committers: dict[str, Committer] = {
+            "sync": GroupCommitter(self.writer)
+            if config.group_commit
+            else DirectCommitter(self.store),
+            "async": BatchedCommitter(self.writer),
+        }
+        self.scheduler = Scheduler(
+            config,
+            self.store,
+            self.active,
+            self.resume,
+            self.new_owner,
+            self.endpoints,
+        )
+
+    # -- the process ----------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        """Create (or migrate) the tables once per process, without starting
+        threads (what ``send``, ``cancel`` and ``get_run`` need in a shell)."""
+        if self._schema_pid == os.getpid():
+            return
+        with self._lock:
+            pid = os.getpid()
+            if self.closed:
+                raise RuntimeError("flask-durable was shut down for this app")
+            if self._schema_pid != pid:
+                host = socket.gethostname()[:20]
+                self._owner_prefix = f"{host}:{pid}:{secrets.token_hex(3)}"
+                self.store.create_all()
+                self._schema_pid = pid
+
+    def ensure_ready(self, *, scheduler: bool | None = None) -> None:
+        """Create the tables and start the scheduler (and the PostgreSQL
+        listener), once per process.
+
+        :param scheduler: ``True`` to run the full scheduler even if
+            ``DURABLE_SCHEDULER`` is off (``flask durable worker``).
+        """
+        if self._ready_pid == os.getpid() and not scheduler:
+            return
+        self.ensure_schema()
+        self.endpoints()  # duplicate endpoint ids fail here, loudly
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("flask-durable was shut down for this app")
+            pid = os.getpid()
+            if self._ready_pid != pid:
+                # Without the scheduler, the heartbeat still keeps the leases
+                # of the runs this process's requests execute.
+                self.scheduler.start(
+                    full=self.config.scheduler and scheduler is not False
+                )
+                self.store.start_listener(self._on_notify)
+                self._ready_pid = pid
+            if scheduler and not self.scheduler.running:
+                self.scheduler.shutdown()
+                self.scheduler.start()
+
+    def start_in_background(self) -> None:
+        """First request of a process: start the scheduler from a thread of
+        its own, so that no request waits for the database."""
+        if self._ready_pid == os.getpid():
+            return
+
+        def start() -> None:
+            try:
+                self.ensure_ready()
+            except UNAVAILABLE as e:
+                log.warning("flask-durable could not start yet: %s", e)
+            except RuntimeError:
+                pass  # shut down meanwhile
+
+        threading.Thread(target=start, name="durable-start", daemon=True).start()
+
+    def _on_notify(self, channel: str, run_id: str) -> None:
+        if channel == FINISHED_CHANNEL:
+            self.waiters.notify(run_id)
+        elif channel == WAKE_CHANNEL:
+            self.scheduler.wake_now(run_id)
+
+    def _wake(self, run_id: str) -> None:
+        self.scheduler.wake_now(run_id)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's threads and connections are
+        gone; start afresh on first use."""
+        self._lock = threading.Lock()
+        self._ready_pid = None
+        self._schema_pid = None
+        self.active.clear()
+        self.waiters = _Waiters()
+        forget = getattr(self.store, "forget_listener", None)
+        if forget is not None:
+            forget()
+        self._new_process()
+        self.store.dispose(close=False)
+
+    def close(self) -> None:
+        """Stop the scheduler and close the database connections."""
+        with self._lock:
+            self.closed = True
+            started = self._ready_pid == os.getpid()
+            self._ready_pid = None
+        self.writer.stop()
+        if started:
+            self.scheduler.shutdown()
+            self.store.stop_listener()
+        self.store.dispose()
+
+    def new_owner(self) -> str:
+        """A lease owner name, unique to this process and claim."""
+        return f"{self._owner_prefix}:{next(self._counter)}"
+
+    def endpoints(self) -> tuple[str, ...]:
+        """The ids of the durable endpoints registered on the app: the
+        runs this process may claim.
+
+        :raises ValueError: when two endpoints share one id.
+        """
+        views = self.app.view_functions
+        size, found = self._endpoints
+        if size == len(views):
+            return found
+        ids: dict[str, str] = {}
+        for name, view in views.items():
+            options = getattr(view, OPTIONS_ATTR, None)
+            if not isinstance(options, EndpointOptions):
+                continue
+            endpoint_id = options.id or name
+            if endpoint_id in ids and ids[endpoint_id] != name:
+                raise ValueError(
+                    f"durable endpoint id {endpoint_id!r} is used by both"
+                    f" {ids[endpoint_id]!r} and {name!r}: give each its own id="
+                )
+            ids[endpoint_id] = name
+        found = tuple(sorted(ids))
+        self._endpoints = (len(views), found)
+        return found
+
+    # -- tokens --------------------------------------------------------------
+
+    def wait_url(self, run_id: str) -> str:
+        return url_for("durable.wait", token=self.tokens.sign(run_id))
+
+    def go_wait(self, run_id: str, status: str) -> Response:
+        """``303`` (or ``202``) to the run's wait URL."""
+        return go_wait(
+            run_id, status, self.wait_url(run_id), request.headers.get("Prefer")
+        )
+
+    # -- executing a view ------------------------------------------------------
+
+    def execute(
+        self,
+        view: Callable[..., Any],
+        options: EndpointOptions,
+        args: Any,
+        kwargs: Any,
+    ) -> Any:
+        """Run a durable view for a new request or a replay."""
+        try:
+            self.ensure_ready()
+        except UNAVAILABLE as e:
+            return unavailable(e)
+        environ = request.environ
+        ticket: _Ticket | None = environ.get(REPLAY_KEY)
+        if ticket is None:
+            try:
+                started = self._start(options)
+            except UNAVAILABLE as e:
+                return unavailable(e)
+            if isinstance(started, Response):
+                return started
+            ex = started
+        else:
+            ticket.reached = True
+            claim = ticket.claim
+            try:
+                records = self.store.load_steps(claim.id)
+            except UNAVAILABLE as e:
+                # Still leased: resumed again once the lease expires.
+                return unavailable(e, claim.id)
+            ex = self._execution(
+                options,
+                run_id=claim.id,
+                endpoint=claim.endpoint,
+                owner=claim.owner,
+                version=claim.version,
+                attempt=claim.attempt,
+                deadline=claim.deadline,
+                records=records,
+                new_run=None,
+            )
+            ex.lease_renewed(claim.claimed_at)
+            if signals.run_resumed.receivers:
+                signals.run_resumed.send(
+                    self.app,
+                    run_id=ex.id,
+                    endpoint=ex.endpoint,
+                    attempt=ex.attempt,
+                )
+        environ[CONTEXT_KEY] = ex
+        self.active[ex.id] = ex
+        token = _cv_run.set(ex)
+        try:
+            rv = view(*args, **kwargs)
+            if ex.interrupt is not None:
+                raise swallowed_error(ex.interrupt)
+        except _Suspend as s:
+            return self.suspend(ex, s)
+        except _Cancelled as c:
+            ex.outcome = "cancelled"
+            return cancelled(ex.id, c.reason)
+        except _LeaseLost:
+            self.forget(ex)
+            # Another process took the run over: its client follows it there.
+            return self.go_wait(ex.id, "running")
+        except _StoreUnavailable as e:
+            # The database is unreachable: what was committed stays, a stored
+            # run is resumed once its lease expires; the client comes back.
+            self.forget(ex)
+            return unavailable(e.error, ex.id)
+        except BaseException as e:
+            ex.outcome = "failed"
+            ex.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            _cv_run.reset(token)
+        ex.outcome = "completed"
+        return rv
+
+    def _execution(self, options: EndpointOptions, **fields: Any) -> Execution:
+        config = self.config
+        mode = options.checkpoint or config.checkpoint
+        return Execution(
+            retries=config.retries if options.retries is None else options.retries,
+            committer=self._committers[mode],
+            config=config,
+            renew=self.store.renew_one,
+            sender=self.app,
+            **fields,
+        )
+
+    def _start(self, options: EndpointOptions) -> Execution | Response:
+        """A new run for the current request, or an answer at once (body
+        too large, idempotent repeat)."""
+        limit = self.config.max_request_body
+        environ = request.environ
+        try:
+            if environ.get("CONTENT_LENGTH", "0") in ("", "0") and not (
+                environ.get("HTTP_TRANSFER_ENCODING")
+                or environ.get("wsgi.input_terminated")
+            ):
+                body = b""  # nothing to read (most GETs)
+            else:
+                if (
+                    request.max_content_length is None
+                    or request.max_content_length > limit
+                ):
+                    request.max_content_length = limit
+                body = request.get_data(cache=True)
+        except RequestEntityTooLarge:
+            return json_response(
+                413,
+                error="request body too large",
+                limit=limit,
+                detail=f"durable endpoints accept bodies up to {limit} bytes"
+                " (DURABLE_MAX_REQUEST_BODY)",
+            )
+        endpoint = options.id or request.endpoint or "unknown"
+        now = time.time()
+        run_id = _new_run_id()
+        timeout = options.timeout_seconds
+        run = NewRun(
+            id=run_id,
+            app_id=self.config.app_id,
+            endpoint=endpoint,
+            created_at=now,
+            deadline=None if timeout is None else now + timeout,
+            owner=self.new_owner(),
+            request=capture_request(environ, body),
+        )
+        key = request.headers.get(_IDEMPOTENCY_HEADER)
+        stored = False
+        if key is not None:
+            if not key or len(key) > 255 or not key.isprintable():
+                return json_response(
+                    400, error="bad Idempotency-Key: 1 to 255 printable characters"
+                )
+            digest = hashlib.sha256()
+            for part in (
+                request.method,
+                request.path,
+                request.query_string.decode("latin-1"),
+            ):
+                digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+            digest.update(body)
+            request_hash = digest.hexdigest()
+            run = dataclasses.replace(
+                run,
+                idempotency_key=key,
+                request_hash=request_hash,
+                idempotency_expires_at=now + self.config.idempotency_ttl,
+            )
+            repeat = self._idempotent_repeat(endpoint, key, request_hash, now)
+            if repeat is not None:
+                return repeat
+            if not self.store.try_insert_idempotent_run(run):
+                repeat = self._idempotent_repeat(endpoint, key, request_hash, now)
+                if repeat is not None:
+                    return repeat
+                return json_response(409, error="Idempotency-Key is in use; retry")
+            stored = True
+        ex = self._execution(
+            options,
+            run_id=run_id,
+            endpoint=endpoint,
+            owner=run.owner,
+            version=0,
+            attempt=0,
+            deadline=run.deadline,
+            records=[],
+            new_run=None if stored else run,
+        )
+        ex.on_stored = lambda: self._started(run_id, endpoint)
+        if stored:
+            ex.run_stored()
+        return ex
+
+    def _started(self, run_id: str, endpoint: str) -> None:
+        if signals.run_started.receivers:
+            signals.run_started.send(self.app, run_id=run_id, endpoint=endpoint)
+
+    def _idempotent_repeat(
+        self, endpoint: str, key: str, request_hash: str, now: float
+    ) -> Response | None:
+        found = self.store.find_idempotent(endpoint, key)
+        if found is None or (found.idempotency_expires_at or 0) < now:
+            return None
+        if found.request_hash != request_hash:
+            return json_response(
+                422,
+                found.id,
+                error="Idempotency-Key was used with a different request",
+                run_id=found.id,
+            )
+        if found.status in TERMINAL_STATUSES and found.response is not None:
+            return stored_response(found.response)
+        return self.go_wait(found.id, found.status)
+
+    # -- state changes ---------------------------------------------------------
+
+    def suspend(self, ex: Execution, signal: _Suspend) -> Response:
+        """Park a run until ``signal.due_at`` and answer with the wait URL."""
+        due = signal.due_at
+        if ex.deadline is not None:
+            due = min(due, ex.deadline)
+        inserts, updates, waits, records = ex.take_pending()
+        first = ex.new_run is not None
+        try:
+            ex.committer.flush()
+            stored = self.store.suspend(
+                Suspension(
+                    ex.id,
+                    ex.owner,
+                    ex.version,
+                    signal.status,
+                    due,
+                    inserts,
+                    updates,
+                    waits,
+                    ex.new_run,
+                )
+            )
+        except UNAVAILABLE as e:
+            self.forget(ex)
+            return unavailable(e, ex.id)
+        except BaseException:
+            self.forget(ex)
+            raise
+        if stored is None:
+            self.forget(ex)
+            # Another process took the run over: its client follows it there.
+            return self.go_wait(ex.id, "running")
+        ex.new_run = None
+        ex.in_db = True
+        ex.outcome = "suspended"
+        self.active.pop(ex.id, None)
+        if first:
+            ex.run_stored()
+        ex.announce(records)
+        if signals.run_suspended.receivers:
+            signals.run_suspended.send(
+                self.app, run_id=ex.id, status=signal.status, due_at=stored
+            )
+        self.scheduler.wake_at(ex.id, stored)
+        for wait in waits:
+            self.events.catch_up(ex.id, wait)
+        return self.go_wait(ex.id, signal.status)
+
+    def forget(self, ex: Execution) -> None:
+        """This execution ends without a final response: what it committed
+        stays, and another execution continues the run."""
+        if ex.outcome not in ("suspended",):
+            ex.outcome = "lost"
+        self.active.pop(ex.id, None)
+
+    def finish(self, ex: Execution, response: bytes) -> None:
+        """Store a run's final response (called by the capture middleware)."""
+        status = ex.outcome or "failed"
+        inserts, updates, _, records = ex.take_pending()
+        first = ex.new_run is not None
+        intent = Finish(
+            ex.id,
+            ex.owner,
+            status,
+            response,
+            ex.error,
+            inserts,
+            updates,
+            ex.new_run,
+            waits_possible=ex.is_replay or ex.waited,
+            notify=ex.preexisting,
+        )
+        ex.finishing = True
+        ex.new_run = None
+
+        def committed() -> None:
+            self.active.pop(ex.id, None)
+            if first:
+                ex.run_stored()
+            ex.announce(records)
+            self._finished(ex.id, ex.endpoint, status, ex.error)
+
+        def lost() -> None:
+            self.active.pop(ex.id, None)
+            log.warning("run %s: lease lost before its response was stored", ex.id)
+
+        try:
+            ex.committer.submit(intent, committed, lost)
+        except UNAVAILABLE as e:
+            # The client still gets the response; the run keeps its lease
+            # and is replayed (steps memoized) to store it once it expires.
+            self.active.pop(ex.id, None)
+            log.warning("run %s: final response not stored: %s", ex.id, e)
+
+    def finish_detached(self, claim: Claim, status: str, response: bytes) -> None:
+        """Finish a claimed run without executing its view."""
+        if self.store.write(Finish(claim.id, claim.owner, status, response, None)):
+            self._finished(claim.id, claim.endpoint, status, None)
+
+    def _finished(
+        self, run_id: str, endpoint: str, status: str, error: str | None
+    ) -> None:
+        self.waiters.notify(run_id)
+        self.scheduler.notify_finished(run_id)
+        if status == "completed":
+            if signals.run_completed.receivers:
+                signals.run_completed.send(
+                    self.app, run_id=run_id, endpoint=endpoint, status=status
+                )
+            return
+        if status == "failed":
+            log.error("run %s (%s) failed: %s", run_id, endpoint, error)
+        if signals.run_failed.receivers:
+            signals.run_failed.send(
+                self.app, run_id=run_id, endpoint=endpoint, status=status
+            )
+
+    def resume(self, claim: Claim) -> None:
+        """Execute a claimed run: finish it if it was cancelled or timed
+        out, else replay it through the app."""
+        deadline = claim.deadline
+        if claim.cancel_requested or (deadline is not None and time.time() >= deadline):
+            reason = "cancelled" if claim.cancel_requested else "timeout"
+            self.finish_detached(
+                claim, "cancelled", encode_flask_response(cancelled(claim.id, reason))
+            )
+            return
+        ticket = _Ticket(claim)
+        environ = build_environ(claim.request)
+        environ[REPLAY_KEY] = ticket
+        try:
+            status, headers, body = replay(self.app, environ)
+        except Exception:
+            # The 500 was stored by the capture middleware; the app's own
+            # logging reported the error.
+            log.debug("replay of run %s raised", claim.id, exc_info=True)
+            return
+        if ticket.reached:
+            return
+        code = int(status.split(" ", 1)[0])
+        if code in (404, 405):
+            # The route is gone from this deploy (or not there yet): the run
+            # waits for a process that has it, never fails for it.
+            log.warning(
+                "replay of run %s (%s) found no route here (%s); rescheduled",
+                claim.id,
+                claim.endpoint,
+                status,
+            )
+            self.store.reschedule(claim.id, claim.owner, time.time() + _UNHANDLED_DELAY)
+            return
+        # A hook answered before the view (a before_request check): that
+        # answer is the run's last.
+        log.warning(
+            "replay of run %s did not reach its durable view (%s); finishing it",
+            claim.id,
+            status,
+        )
+        if not any(k.lower() == "durable-run-id" for k, _ in headers):
+            headers.append(("Durable-Run-Id", claim.id))
+        self.finish_detached(claim, "failed", encode_response(status, headers, body))
+
+    def cancel(self, run_id: str) -> bool:
+        """See :meth:`flask_durable.Durable.cancel`."""
+        self.ensure_schema()
+        ex = self.active.get(run_id)
+        if ex is not None:
+            ex.request_cancel()
+        if not self.store.request_cancel(run_id):
+            return ex is not None
+        claim = self.store.claim(run_id, self.new_owner(), self.endpoints(), force=True)
+        if claim is not None:
+            self.resume(claim)
+        return True
+
+    def send(self, name: str, data: Any = None, event_id: str | None = None) -> str:
+        """See :meth:`flask_durable.Durable.send`."""
+        self.ensure_schema()
+        return self.events.send(name, data, event_id)
+
+    # -- reading ---------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunInfo | None:
+        """See :meth:`flask_durable.Durable.get_run`."""
+        self.ensure_schema()
+        self.writer.flush()  # what this process has queued, too
+        row = self.store.get_run(run_id)
+        if row is None:
+            return None
+        steps = [_step_info(r) for r in self.store.load_steps(run_id)]
+        response = None
+        if row.response is not None:
+            status, headers, body = decode_response(row.response)
+            response = (int(status.split(" ", 1)[0]), headers, body)
+        return RunInfo(
+            id=row.id,
+            endpoint=row.endpoint,
+            status=RunStatus(row.status),
+            attempt=row.attempt,
+            steps=steps,
+            created_at=to_datetime(row.created_at),
+            finished_at=to_datetime(row.finished_at),
+            due_at=to_datetime(row.due_at),
+            error=row.error,
+            response=response,
+        )
+
+
+def _step_info(rec: StepRecord) -> StepInfo:
+    error = None
+    if rec.error:
+        error_type, message = load_json(rec.error)
+        error = {"type": error_type, "message": message}
+    history = load_json(rec.history) if rec.history else []
+    for entry in history:
+        entry["at"] = to_datetime(entry["at"])
+    return StepInfo(
+        id=rec.step_id,
+        status=rec.status,
+        attempts=rec.attempts,
+        output=load_value(rec.output) if rec.output is not None else None,
+        error=error,
+        started_at=to_datetime(rec.started_at),
+        finished_at=to_datetime(rec.finished_at),
+        due_at=to_datetime(rec.due_at),
+        attempt_errors=history,
+    )
+
+
+class _Waiters:
+    """Wakes wait-URL requests in this process when a run finishes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, list[threading.Event]] = {}
+
+    def subscribe(self, run_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(run_id, []).append(event)
+        return event
+
+    def unsubscribe(self, run_id: str, event: threading.Event) -> None:
+        with self._lock:
+            listeners = self._events.get(run_id)
+            if listeners is not None:
+                listeners.remove(event)
+                if not listeners:
+                    del self._events[run_id]
+
+    def notify(self, run_id: str) -> None:
+        with self._lock:
+            listeners = list(self._events.get(run_id, ()))
+        for event in listeners:
+            event.set()
+
+
+def _after_fork_in_child() -> None:
+    for lifecycle in list(_LIFECYCLES):
+        lifecycle.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def get_lifecycle() -> Lifecycle:
+    """The lifecycle of the current app, or a clear error."""
+    try:
+        return current_app.extensions["durable"]
+    except KeyError:
+        raise RuntimeError(
+            "flask-durable is not set up on this app: call durable.init_app(app)"
+        ) from None

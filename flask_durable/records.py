@@ -1,0 +1,264 @@
+"""Typed records: what crosses a module boundary.
+
+Rows read from the store (:class:`Claim`, :class:`StepRecord`,
+:class:`WaitSpec`, :class:`FinalState`), the run that is not stored yet
+(:class:`NewRun`), and the write intents a run's execution hands to its
+committer (:class:`Checkpoint`, :class:`Suspension`, :class:`Finish`).
+
+The public read-only views returned by :meth:`Durable.get_run
+<flask_durable.Durable.get_run>` (:class:`RunInfo`, :class:`StepInfo`) and
+the run statuses (:class:`RunStatus`) live here too.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class RunStatus(str, enum.Enum):
+    """The status of a run. Compares equal to its string value
+    (``RunStatus.COMPLETED == "completed"``)."""
+
+    #: Executing in a process now (its lease is held).
+    RUNNING = "running"
+    #: Due again at ``due_at``: a step will be retried, or the run waits for
+    #: a process that has its handler.
+    SCHEDULED = "scheduled"
+    #: In ``step.sleep`` or ``step.sleep_until``.
+    SLEEPING = "sleeping"
+    #: In ``step.wait_for_event``.
+    WAITING = "waiting"
+    #: Waiting for a slot under a flow-control limit.
+    QUEUED = "queued"
+    #: Finished with the view's response.
+    COMPLETED = "completed"
+    #: Finished because the view raised (its error response is stored).
+    FAILED = "failed"
+    #: Cancelled or timed out.
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run is finished (its final response is stored)."""
+        return self.value in TERMINAL_STATUSES
+
+
+#: The values of the statuses of a finished run.
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+#: Step statuses as stored (plain strings on the hot path).
+STEP_RUNNING = "running"
+#: A failed attempt; retried at ``due_at``.
+STEP_ERROR = "error"
+STEP_SLEEPING = "sleeping"
+STEP_WAITING = "waiting"
+STEP_COMPLETED = "completed"
+#: Failed for good (retries exhausted, non-retriable, over a limit).
+STEP_FAILED = "failed"
+
+
+class StepRecord:
+    """What the database knows of one step of a run. Mutable: an execution
+    updates it as the step runs, then hands it to its committer."""
+
+    __slots__ = (
+        "step_id",
+        "seq",
+        "status",
+        "attempts",
+        "output",
+        "error",
+        "due_at",
+        "started_at",
+        "finished_at",
+        "history",
+    )
+
+    def __init__(
+        self,
+        step_id: str,
+        seq: int,
+        status: str,
+        attempts: int = 0,
+        output: str | None = None,
+        error: str | None = None,
+        due_at: float | None = None,
+        started_at: float = 0.0,
+        finished_at: float | None = None,
+        history: str | None = None,
+    ) -> None:
+        self.step_id = step_id
+        self.seq = seq
+        self.status = status
+        self.attempts = attempts
+        #: The stored value (tagged JSON), once completed.
+        self.output = output
+        #: ``[type, message]`` (JSON) of the last failed attempt.
+        self.error = error
+        self.due_at = due_at
+        self.started_at = started_at
+        self.finished_at = finished_at
+        #: Every failed attempt (JSON list of objects), kept after success.
+        self.history = history
+
+    def row(self) -> dict[str, Any]:
+        """The column values, for the store."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"<StepRecord {self.step_id!r} {self.status}>"
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run whose row is not written yet: it is inserted with its first
+    write (checkpoint, suspension or final response)."""
+
+    id: str
+    app_id: str
+    endpoint: str
+    created_at: float
+    deadline: float | None
+    owner: str
+    request: bytes
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    idempotency_expires_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A run this process has just taken the lease of, with what a replay
+    needs (no further query)."""
+
+    id: str
+    owner: str
+    version: int
+    attempt: int
+    deadline: float | None
+    cancel_requested: bool
+    endpoint: str
+    request: bytes
+    #: When the lease was taken, by this process's ``time.monotonic()``.
+    claimed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSpec:
+    """A ``step.wait_for_event`` registration."""
+
+    step_id: str
+    event: str
+    #: ``match`` as JSON.
+    match: str
+    since: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class FinalState:
+    """What the wait URL needs of a run."""
+
+    status: str
+    response: bytes | None
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Steps of a run reached a final state (completed or failed for
+    good); written fenced on the run's lease."""
+
+    run_id: str
+    owner: str
+    inserts: list[StepRecord]
+    updates: list[StepRecord]
+    #: The run itself, when this is its first write.
+    new_run: NewRun | None = None
+
+
+@dataclass(slots=True)
+class Suspension:
+    """A run stops executing until ``due_at`` (a retry, a sleep, a wait):
+    its pending steps and waits are written and its lease released."""
+
+    run_id: str
+    owner: str
+    version: int
+    status: str
+    due_at: float
+    inserts: list[StepRecord]
+    updates: list[StepRecord]
+    waits: list[WaitSpec]
+    new_run: NewRun | None = None
+
+
+@dataclass(slots=True)
+class Finish:
+    """A run is terminal: its final response is stored and its lease
+    released."""
+
+    run_id: str
+    owner: str
+    status: str
+    response: bytes
+    error: str | None
+    inserts: list[StepRecord] = field(default_factory=list)
+    updates: list[StepRecord] = field(default_factory=list)
+    new_run: NewRun | None = None
+    #: ``False`` when the run never waited for an event (no rows to delete).
+    waits_possible: bool = True
+    #: Tell other processes (PostgreSQL ``NOTIFY``): only needed when a
+    #: client can be waiting for the run.
+    notify: bool = True
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of a run, as :meth:`Durable.get_run
+    <flask_durable.Durable.get_run>` reports it.
+
+    :ivar attempt_errors: every failed attempt, oldest first: dicts with
+        ``attempt`` (0-based), ``type``, ``message`` and ``at`` (a
+        :class:`~datetime.datetime`), kept after the step succeeded.
+    """
+
+    id: str
+    status: str
+    attempts: int
+    output: Any
+    error: dict[str, str] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    due_at: datetime | None
+    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A read-only view of a run (:meth:`Durable.get_run
+    <flask_durable.Durable.get_run>`).
+
+    ``response`` is ``(status_code, headers, body)`` once the run is
+    terminal, else ``None``.
+    """
+
+    id: str
+    endpoint: str
+    status: RunStatus
+    attempt: int
+    steps: list[StepInfo]
+    created_at: datetime | None
+    finished_at: datetime | None
+    due_at: datetime | None
+    error: str | None
+    response: tuple[int, list[tuple[str, str]], bytes] | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal

@@ -1,0 +1,944 @@
+"""The store: every query flask-durable makes, shared by both databases.
+
+Rarely run queries use SQLAlchemy Core. The statements of the hot path
+(checkpoints, suspensions, final responses, claims) are built once as SQL
+text and run on the DB-API connection (several times cheaper); each dialect
+(:mod:`.sqlite`, :mod:`.postgres`) owns its connection handling and the
+statements that differ.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from ..records import (
+    Checkpoint,
+    Claim,
+    FinalState,
+    Finish,
+    NewRun,
+    StepRecord,
+    Suspension,
+    WaitSpec,
+)
+from .schema import (
+    CLAIM_COLUMNS,
+    SCHEMA_VERSION,
+    STEP_COLUMNS,
+    events,
+    meta,
+    metadata,
+    migrate,
+    runs,
+    steps,
+    waits,
+)
+
+#: What a store call raises when the database cannot be used right now
+#: (unreachable, locked, out of connections): answered with ``503``.
+UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutError)
+
+#: Channel carrying the ids of runs that just finished (PostgreSQL).
+FINISHED_CHANNEL = "durable_finished"
+#: Channel carrying the ids of runs that became due now (PostgreSQL).
+WAKE_CHANNEL = "durable_wake"
+
+_RUN_COLUMNS = tuple(c.name for c in runs.columns)
+_STEP_INSERT_COLUMNS = ("run_id", *STEP_COLUMNS)
+_SETTABLE_STEP_COLUMNS = tuple(c for c in STEP_COLUMNS if c != "step_id")
+
+
+def _now() -> float:
+    return time.time()
+
+
+class _Lost(Exception):
+    """Raised inside a write transaction to roll it back: the lease is not
+    ours."""
+
+
+class Store:
+    """Every database access of one app (and one app id).
+
+    Use :func:`flask_durable.store.open_store` to get the subclass for a
+    database URL.
+
+    :param engine: the SQLAlchemy engine.
+    :param app_id: the app id every row read or written belongs to.
+    :param lease_seconds: how long a lease lasts.
+    """
+
+    #: Whether this database delivers notifications (``LISTEN``).
+    notifies = False
+
+    def __init__(self, engine: Engine, app_id: str, lease_seconds: float) -> None:
+        self.engine = engine
+        self.app_id = app_id
+        self.lease_seconds = lease_seconds
+        self._read = engine.execution_options(durable_readonly=True)
+        self._dbapi_error = engine.dialect.loaded_dbapi.Error
+        self._claim_sql: dict[tuple[bool, int], str] = {}
+        self._prepare()
+
+    # -- dialect hooks ------------------------------------------------------
+
+    def _sql(self, text: str) -> str:
+        """SQL text with ``:name`` parameters in the driver's style."""
+        return text
+
+    def _writer_lock(self) -> AbstractContextManager[Any]:
+        """Held around every write transaction of this process."""
+        raise NotImplementedError
+
+    def _raw(self, single: bool = False) -> AbstractContextManager[Any]:
+        """A write transaction on a DB-API cursor; driver errors come out as
+        :class:`~sqlalchemy.exc.DBAPIError`.
+
+        :param single: the transaction is one statement (autocommit).
+        """
+        raise NotImplementedError
+
+    def _execute_single(self, sql: str, params: dict[str, Any]) -> int:
+        """Run one write statement on its own; return its row count."""
+        with self._raw(single=True) as cur:
+            cur.execute(sql, params)
+            return int(cur.rowcount)
+
+    def _least(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def _notify(self, conn: Connection, channel: str, payload: str) -> None:
+        """Queue a notification sent when ``conn`` commits (if supported)."""
+
+    def start_listener(self, on_notify: Callable[[str, str], None]) -> None:
+        """Call ``on_notify(channel, run_id)`` from a thread of the store's
+        own for runs finished or woken by other processes (PostgreSQL)."""
+
+    def stop_listener(self) -> None:
+        """Stop what :meth:`start_listener` started."""
+
+    # -- SQL built once -------------------------------------------------------
+
+    def _prepare(self) -> None:
+        sql = self._sql
+        step_cols = _STEP_INSERT_COLUMNS
+        self._sql_insert_run = sql(
+            f"INSERT INTO durable_runs ({', '.join(_RUN_COLUMNS)})"
+            f" VALUES ({', '.join(':' + c for c in _RUN_COLUMNS)})"
+        )
+        self._sql_insert_step = sql(
+            f"INSERT INTO durable_steps ({', '.join(step_cols)})"
+            f" VALUES ({', '.join(':' + c for c in step_cols)})"
+        )
+        sets = ", ".join(f"{c} = :{c}" for c in _SETTABLE_STEP_COLUMNS)
+        self._sql_update_step = sql(
+            f"UPDATE durable_steps SET {sets}"
+            " WHERE run_id = :run_id AND step_id = :step_id"
+        )
+        owned = (
+            " EXISTS (SELECT 1 FROM durable_runs"
+            " WHERE id = :run_id AND lease_owner = :owner)"
+        )
+        self._sql_insert_step_fenced = sql(
+            f"INSERT INTO durable_steps ({', '.join(step_cols)})"
+            f" SELECT {self._select_values(step_cols)} WHERE{owned}"
+        )
+        self._sql_update_step_fenced = sql(
+            f"UPDATE durable_steps SET {sets}"
+            f" WHERE run_id = :run_id AND step_id = :step_id AND{owned}"
+        )
+        self._sql_fence = sql(
+            "UPDATE durable_runs SET updated_at = :now"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_renew = sql(
+            "UPDATE durable_runs SET lease_expires_at = :expires"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_finish = sql(self._finish_text())
+        park = (
+            "UPDATE durable_runs SET status = :status, due_at = :due,"
+            " lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+        self._sql_park = sql(park + " AND version = :version")
+        self._sql_park_woken = sql(park)
+        wait_cols = [c.name for c in waits.columns]
+        self._sql_insert_wait = sql(
+            f"INSERT INTO durable_waits ({', '.join(wait_cols)})"
+            f" VALUES ({', '.join(':' + c for c in wait_cols)})"
+        )
+        self._sql_load_steps = sql(
+            f"SELECT {', '.join(STEP_COLUMNS)} FROM durable_steps"
+            " WHERE run_id = :run_id ORDER BY seq"
+        )
+        self._sql_delete_waits = sql("DELETE FROM durable_waits WHERE run_id = :id")
+
+    def _select_values(self, columns: Sequence[str]) -> str:
+        """The values of an ``INSERT ... SELECT`` (typed where needed)."""
+        return ", ".join(":" + c for c in columns)
+
+    @staticmethod
+    def _finish_text(source: str = "") -> str:
+        return (
+            "UPDATE durable_runs SET status = :status, response = :response,"
+            " error = :error, finished_at = :now, updated_at = :now, due_at = NULL,"
+            f" lease_owner = NULL, lease_expires_at = NULL{source}"
+            " WHERE id = :id AND lease_owner = :owner"
+        )
+
+    def _claim_text(self, due: bool, n: int) -> str:
+        """The claim statement for ``n`` registered endpoints: one run by id
+        (``due=False``) or the earliest due runs."""
+        key = (due, n)
+        found = self._claim_sql.get(key)
+        if found is not None:
+            return found
+        endpoints = ", ".join(f":e{i}" for i in range(n))
+        free = "(lease_expires_at IS NULL OR lease_expires_at < :now)"
+        mine = f"app_id = :app_id AND endpoint IN ({endpoints})"
+        take = (
+            "UPDATE durable_runs SET lease_owner = :owner, lease_expires_at = :expires,"
+            " status = 'running', attempt = attempt + 1, version = version + 1,"
+            " updated_at = :now"
+        )
+        returning = f" RETURNING {', '.join(CLAIM_COLUMNS)}"
+        if due:
+            text = (
+                f"{take} WHERE id IN (SELECT id FROM durable_runs"
+                f" WHERE due_at <= :now AND {free} AND {mine}"
+                f" ORDER BY due_at LIMIT :limit{self._skip_locked()})"
+                f" AND due_at <= :now AND {free}{returning}"
+            )
+        else:
+            text = (
+                f"{take} WHERE id = :id AND due_at IS NOT NULL AND due_at <= :due"
+                f" AND {free} AND {mine}{returning}"
+            )
+        found = self._claim_sql[key] = self._sql(text)
+        return found
+
+    def _skip_locked(self) -> str:
+        return ""
+
+    # -- parameters ------------------------------------------------------------
+
+    def _run_params(self, run: NewRun, now: float, **state: Any) -> dict[str, Any]:
+        """The row of a new run; ``state`` sets status, due time, lease or
+        final response."""
+        params = {
+            "id": run.id,
+            "app_id": run.app_id,
+            "endpoint": run.endpoint,
+            "status": "running",
+            "attempt": 0,
+            "version": 0,
+            "created_at": run.created_at,
+            "updated_at": now,
+            "finished_at": None,
+            "due_at": run.created_at,
+            "deadline": run.deadline,
+            # The lease starts when the row is written, not when the request
+            # began: a first step longer than the lease keeps its run.
+            "lease_owner": run.owner,
+            "lease_expires_at": now + self.lease_seconds,
+            "cancel_requested": False,
+            "idempotency_key": run.idempotency_key,
+            "request_hash": run.request_hash,
+            "idempotency_expires_at": run.idempotency_expires_at,
+            "request": run.request,
+            "response": None,
+            "error": None,
+        }
+        params.update(state)
+        return params
+
+    @staticmethod
+    def _step_params(run_id: str, rec: StepRecord) -> dict[str, Any]:
+        return {
+            "run_id": run_id,
+            "step_id": rec.step_id,
+            "seq": rec.seq,
+            "status": rec.status,
+            "attempts": rec.attempts,
+            "output": rec.output,
+            "error": rec.error,
+            "due_at": rec.due_at,
+            "started_at": rec.started_at,
+            "finished_at": rec.finished_at,
+            "history": rec.history,
+        }
+
+    def _finish_params(self, f: Finish, now: float) -> dict[str, Any]:
+        return {
+            "status": f.status,
+            "response": f.response,
+            "error": f.error,
+            "now": now,
+            "id": f.run_id,
+            "owner": f.owner,
+            "channel": FINISHED_CHANNEL,
+        }
+
+    # -- driver errors ------------------------------------------------------------
+
+    def _connect(self) -> Any:
+        """A pooled DB-API connection. Failing to open one (server down,
+        too many connections, pool exhausted) is a
+        :class:`~sqlalchemy.exc.DBAPIError` or
+        :class:`~sqlalchemy.exc.TimeoutError` like any other store error."""
+        try:
+            return self.engine.raw_connection()
+        except self._dbapi_error as e:
+            raise self._wrap(e) from e
+
+    def _discard(self, conn: Any, cur: Any, error: Any) -> BaseException:
+        """Invalidate a connection a driver error came from; returns the
+        error to raise."""
+        disconnected = self.engine.dialect.is_disconnect(
+            error, conn.dbapi_connection, cur
+        )
+        if conn.is_valid:
+            conn.invalidate(error)
+        if disconnected:
+            # The server went away: the other pooled connections are dead too.
+            # A fresh pool replaces them (checked-out ones close on return).
+            self.engine.dispose()
+        return self._wrap(error)
+
+    def _wrap(self, error: Any) -> BaseException:
+        """A driver error as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`."""
+        return sa.exc.DBAPIError.instance(
+            None, None, error, self._dbapi_error, dialect=self.engine.dialect
+        )
+
+    # -- writing --------------------------------------------------------------
+
+    def write(self, intent: Checkpoint | Finish) -> bool:
+        """Commit one checkpoint or final response.
+
+        :returns: ``False`` when the run's lease is no longer ours (nothing
+            was written).
+        """
+        if isinstance(intent, Finish):
+            if intent.new_run is None and not (
+                intent.inserts or intent.updates or intent.waits_possible
+            ):
+                return self._write_lone_finish(intent)
+            with self._raw() as cur:
+                return self._raw_finish(cur, intent, _now())
+        if intent.new_run is None and len(intent.inserts) + len(intent.updates) == 1:
+            # One fenced statement: written only while we hold the lease.
+            if intent.inserts:
+                sql, rec = self._sql_insert_step_fenced, intent.inserts[0]
+            else:
+                sql, rec = self._sql_update_step_fenced, intent.updates[0]
+            params = self._step_params(intent.run_id, rec)
+            params["owner"] = intent.owner
+            return self._execute_single(sql, params) == 1
+        if intent.new_run is not None and len(intent.inserts) == 1:
+            if self._insert_run_and_step(intent):
+                return True
+        with self._raw() as cur:
+            return self._raw_checkpoint(cur, intent, _now())
+
+    def _insert_run_and_step(self, c: Checkpoint) -> bool:
+        """A new run with its first step in one statement, where the
+        dialect can; ``False`` to take the general path."""
+        return False
+
+    def _write_lone_finish(self, f: Finish) -> bool:
+        """A final response with nothing else to write."""
+        return (
+            self._execute_single(self._sql_finish, self._finish_params(f, _now())) == 1
+        )
+
+    def _raw_checkpoint(self, cur: Any, c: Checkpoint, now: float) -> bool:
+        if c.new_run is not None:
+            cur.execute(self._sql_insert_run, self._run_params(c.new_run, now))
+        else:
+            cur.execute(self._sql_fence, {"now": now, "id": c.run_id, "owner": c.owner})
+            if cur.rowcount != 1:
+                return False
+        self._raw_steps(cur, c.run_id, c.inserts, c.updates)
+        return True
+
+    def _raw_finish(self, cur: Any, f: Finish, now: float) -> bool:
+        if f.new_run is not None:
+            cur.execute(
+                self._sql_insert_run,
+                self._run_params(
+                    f.new_run,
+                    now,
+                    status=f.status,
+                    response=f.response,
+                    error=f.error,
+                    finished_at=now,
+                    due_at=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                ),
+            )
+            if f.notify:
+                self._raw_notify(cur, FINISHED_CHANNEL, f.run_id)
+        else:
+            cur.execute(self._finish_sql(f.notify), self._finish_params(f, now))
+            if cur.rowcount != 1:
+                return False
+            if f.waits_possible:
+                cur.execute(self._sql_delete_waits, {"id": f.run_id})
+        self._raw_steps(cur, f.run_id, f.inserts, f.updates)
+        return True
+
+    def _finish_sql(self, notify: bool) -> str:
+        """The finish statement inside a transaction."""
+        return self._sql_finish
+
+    def _raw_notify(self, cur: Any, channel: str, payload: str) -> None:
+        """Queue a notification on a DB-API cursor (if supported)."""
+
+    def _raw_steps(
+        self,
+        cur: Any,
+        run_id: str,
+        inserts: Sequence[StepRecord],
+        updates: Sequence[StepRecord],
+    ) -> None:
+        for rec in inserts:
+            cur.execute(self._sql_insert_step, self._step_params(run_id, rec))
+        for rec in updates:
+            cur.execute(self._sql_update_step, self._step_params(run_id, rec))
+
+    def write_batch(self, intents: Sequence[Checkpoint | Finish]) -> set[str]:
+        """Commit checkpoints and final responses of many runs in one
+        transaction. Intents of a run whose lease is lost are skipped; their
+        run ids are returned."""
+        lost: set[str] = set()
+        fenced: set[str] = set()
+        now = _now()
+        with self._raw() as cur:
+            for intent in intents:
+                run_id = intent.run_id
+                if run_id in lost:
+                    continue
+                if isinstance(intent, Finish):
+                    if not self._raw_finish(cur, intent, now):
+                        lost.add(run_id)
+                    continue
+                if intent.new_run is not None:
+                    cur.execute(
+                        self._sql_insert_run, self._run_params(intent.new_run, now)
+                    )
+                elif run_id not in fenced:
+                    cur.execute(
+                        self._sql_fence,
+                        {"now": now, "id": run_id, "owner": intent.owner},
+                    )
+                    if cur.rowcount != 1:
+                        lost.add(run_id)
+                        continue
+                fenced.add(run_id)
+                self._raw_steps(cur, run_id, intent.inserts, intent.updates)
+        return lost
+
+    def suspend(self, s: Suspension) -> float | None:
+        """Write a run's pending steps and waits and park it until
+        ``s.due_at``.
+
+        :returns: the due time stored (now instead of ``s.due_at`` when an
+            event woke the run while it was executing), or ``None`` when
+            the lease is no longer ours (nothing was written).
+        """
+        now = _now()
+        try:
+            with self._raw() as cur:
+                due = self._raw_suspend(cur, s, now)
+        except _Lost:
+            return None
+        return due
+
+    def _raw_suspend(self, cur: Any, s: Suspension, now: float) -> float:
+        due = s.due_at
+        if s.new_run is not None:
+            cur.execute(
+                self._sql_insert_run,
+                self._run_params(
+                    s.new_run,
+                    now,
+                    status=s.status,
+                    due_at=due,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                ),
+            )
+        else:
+            params = {"id": s.run_id, "owner": s.owner, "version": s.version}
+            cur.execute(self._sql_park, dict(params, status=s.status, due=due, now=now))
+            if cur.rowcount != 1:
+                # Still ours but woken meanwhile: run again right away.
+                due = now
+                cur.execute(
+                    self._sql_park_woken,
+                    dict(params, status="scheduled", due=now, now=now),
+                )
+                if cur.rowcount != 1:
+                    raise _Lost  # rolls the transaction back
+        self._raw_steps(cur, s.run_id, s.inserts, s.updates)
+        for wait in s.waits:
+            cur.execute(self._sql_insert_wait, self._wait_params(s.run_id, wait))
+        return due
+
+    def _wait_params(self, run_id: str, wait: WaitSpec) -> dict[str, Any]:
+        return {
+            "run_id": run_id,
+            "step_id": wait.step_id,
+            "app_id": self.app_id,
+            "event": wait.event,
+            "match": wait.match,
+            "since": wait.since,
+            "expires_at": wait.expires_at,
+        }
+
+    def load_steps(self, run_id: str) -> list[StepRecord]:
+        """The steps of a run, in the order they first ran."""
+        with self._reading() as cur:
+            cur.execute(self._sql_load_steps, {"run_id": run_id})
+            return [StepRecord(*row) for row in cur.fetchall()]
+
+    def _reading(self) -> AbstractContextManager[Any]:
+        """A DB-API cursor for one read statement."""
+        raise NotImplementedError
+
+    # -- leases -----------------------------------------------------------------
+
+    def claim(
+        self,
+        run_id: str,
+        owner: str,
+        endpoints: Sequence[str],
+        *,
+        force: bool = False,
+    ) -> Claim | None:
+        """Take the lease of one due run whose endpoint is in ``endpoints``.
+
+        :param force: claim even if not due yet (cancellation).
+        :returns: ``None`` when the run is not due, finished, leased by
+            someone else, or not one of ``endpoints``.
+        """
+        if not endpoints:
+            return None
+        now = _now()
+        params = self._endpoint_params(endpoints)
+        params.update(
+            id=run_id,
+            owner=owner,
+            expires=now + self.lease_seconds,
+            now=now,
+            due=float("inf") if force else now + 0.005,
+        )
+        with self._raw(single=True) as cur:
+            cur.execute(self._claim_text(False, len(endpoints)), params)
+            row = cur.fetchone()
+        return None if row is None else self._claim(row, owner)
+
+    def claim_due(
+        self, owner: str, limit: int, endpoints: Sequence[str]
+    ) -> list[Claim]:
+        """Take the leases of up to ``limit`` due runs of ``endpoints`` whose
+        lease is free or expired (crashed processes). Safe from many
+        processes at once: each run is claimed by one of them."""
+        if limit <= 0 or not endpoints:
+            return []
+        now = _now()
+        params = self._endpoint_params(endpoints)
+        params.update(
+            owner=owner, expires=now + self.lease_seconds, now=now, limit=int(limit)
+        )
+        with self._raw(single=True) as cur:
+            cur.execute(self._claim_text(True, len(endpoints)), params)
+            return [self._claim(row, owner) for row in cur.fetchall()]
+
+    def _endpoint_params(self, endpoints: Sequence[str]) -> dict[str, Any]:
+        params: dict[str, Any] = {f"e{i}": e for i, e in enumerate(endpoints)}
+        params["app_id"] = self.app_id
+        return params
+
+    @staticmethod
+    def _claim(row: Sequence[Any], owner: str) -> Claim:
+        run_id, version, attempt, deadline, cancel, endpoint, request = row
+        return Claim(
+            id=run_id,
+            owner=owner,
+            version=version,
+            attempt=attempt,
+            deadline=deadline,
+            cancel_requested=bool(cancel),
+            endpoint=endpoint,
+            request=bytes(request),
+            # A little after the lease began (the claim's round trip): well
+            # inside the margin the execution keeps.
+            claimed_at=time.monotonic(),
+        )
+
+    def renew_one(self, run_id: str, owner: str) -> bool:
+        """Extend one lease now. ``False`` when ``owner`` lost the run."""
+        params = {"expires": _now() + self.lease_seconds, "id": run_id, "owner": owner}
+        return self._execute_single(self._sql_renew, params) == 1
+
+    def renew(self, leases: Iterable[tuple[str, str]]) -> tuple[set[str], set[str]]:
+        """Extend the leases ``(run_id, owner)`` this process holds.
+
+        :returns: ``(lost, cancelled)``: runs whose lease is gone, and runs
+            whose cancellation was requested.
+        """
+        leases = list(leases)
+        lost: set[str] = set()
+        cancelled: set[str] = set()
+        if not leases:
+            return lost, cancelled
+        now = _now()
+        with self.begin() as conn:
+            for run_id, owner in leases:
+                done = conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                    .values(lease_expires_at=now + self.lease_seconds)
+                ).rowcount
+                if done != 1:
+                    lost.add(run_id)
+            ids = [r for r, _ in leases if r not in lost]
+            if ids:
+                cancelled = set(
+                    conn.execute(
+                        sa.select(runs.c.id).where(
+                            runs.c.id.in_(ids), runs.c.cancel_requested.is_(True)
+                        )
+                    ).scalars()
+                )
+        return lost, cancelled
+
+    def reschedule(self, run_id: str, owner: str, due_at: float) -> bool:
+        """Give a claimed run back, ``scheduled`` for ``due_at`` (no
+        handler here)."""
+        with self.begin() as conn:
+            return (
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                    .values(
+                        status="scheduled",
+                        due_at=due_at,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=_now(),
+                    )
+                ).rowcount
+                == 1
+            )
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Give a lease back without changing anything else."""
+        with self.begin() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    def upcoming(
+        self, horizon: float, limit: int, endpoints: Sequence[str]
+    ) -> list[tuple[str, float]]:
+        """Runs of ``endpoints`` due within ``horizon`` seconds (for exact
+        in-process timers)."""
+        if not endpoints:
+            return []
+        now = _now()
+        with self.read() as conn:
+            rows = conn.execute(
+                sa.select(runs.c.id, runs.c.due_at)
+                .where(
+                    runs.c.due_at > now,
+                    runs.c.due_at <= now + horizon,
+                    runs.c.app_id == self.app_id,
+                    runs.c.endpoint.in_(list(endpoints)),
+                )
+                .order_by(runs.c.due_at)
+                .limit(limit)
+            )
+            return [(r.id, r.due_at) for r in rows]
+
+    # -- reading ------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> Any:
+        """The whole row of a run of this app, or ``None``."""
+        with self.read() as conn:
+            return conn.execute(
+                sa.select(runs).where(runs.c.id == run_id, runs.c.app_id == self.app_id)
+            ).first()
+
+    def get_final(self, run_id: str) -> FinalState | None:
+        """The status and final response of a run, or ``None`` if unknown."""
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(runs.c.status, runs.c.response).where(
+                    runs.c.id == run_id, runs.c.app_id == self.app_id
+                )
+            ).first()
+        return None if row is None else FinalState(row.status, row.response)
+
+    # -- cancellation -----------------------------------------------------------
+
+    def request_cancel(self, run_id: str) -> bool:
+        """Flag a run for cancellation and make it due now. ``False`` when
+        the run is unknown or already finished."""
+        now = _now()
+        with self.begin() as conn:
+            return (
+                conn.execute(
+                    runs.update()
+                    .where(
+                        runs.c.id == run_id,
+                        runs.c.app_id == self.app_id,
+                        runs.c.due_at.is_not(None),
+                    )
+                    .values(
+                        cancel_requested=True,
+                        due_at=self._least(runs.c.due_at, now),
+                        version=runs.c.version + 1,
+                        updated_at=now,
+                    )
+                ).rowcount
+                == 1
+            )
+
+    # -- idempotency ------------------------------------------------------------
+
+    def try_insert_idempotent_run(self, run: NewRun) -> bool:
+        """Insert a run that carries an idempotency key, leased to its
+        owner. ``False`` when a live run already holds the key (an expired
+        one is released first)."""
+        for _ in range(2):
+            try:
+                with self.begin() as conn:
+                    conn.execute(runs.insert(), self._run_params(run, _now()))
+                return True
+            except IntegrityError:
+                with self.begin() as conn:
+                    released = conn.execute(
+                        runs.update()
+                        .where(
+                            runs.c.app_id == self.app_id,
+                            runs.c.endpoint == run.endpoint,
+                            runs.c.idempotency_key == run.idempotency_key,
+                            runs.c.idempotency_expires_at < run.created_at,
+                        )
+                        .values(idempotency_key=None)
+                    ).rowcount
+                if not released:
+                    return False
+        return False
+
+    def find_idempotent(self, endpoint: str, key: str) -> Any:
+        """``id, status, request_hash, idempotency_expires_at, response`` of
+        the run holding ``key`` on ``endpoint``, or ``None``."""
+        with self.read() as conn:
+            return conn.execute(
+                sa.select(
+                    runs.c.id,
+                    runs.c.status,
+                    runs.c.request_hash,
+                    runs.c.idempotency_expires_at,
+                    runs.c.response,
+                ).where(
+                    runs.c.app_id == self.app_id,
+                    runs.c.endpoint == endpoint,
+                    runs.c.idempotency_key == key,
+                )
+            ).first()
+
+    # -- events -------------------------------------------------------------------
+
+    def insert_event(
+        self, event_id: str, name: str, data: str, ts: float, dedupe_window: float
+    ) -> bool:
+        """Store an event. ``False`` when an event with this id was stored
+        within ``dedupe_window`` seconds (a duplicate)."""
+        try:
+            with self.begin() as conn:
+                conn.execute(
+                    events.insert().values(
+                        app_id=self.app_id, id=event_id, name=name, data=data, ts=ts
+                    )
+                )
+            return True
+        except IntegrityError:
+            with self.begin() as conn:
+                replaced = conn.execute(
+                    events.update()
+                    .where(
+                        events.c.app_id == self.app_id,
+                        events.c.id == event_id,
+                        events.c.ts < ts - dedupe_window,
+                    )
+                    .values(name=name, data=data, ts=ts)
+                ).rowcount
+            return replaced == 1
+
+    def waits_for(self, name: str, ts: float) -> list[Any]:
+        """Waits on event ``name`` that began no later than ``ts``:
+        ``run_id, step_id, match`` rows."""
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(waits.c.run_id, waits.c.step_id, waits.c.match).where(
+                        waits.c.app_id == self.app_id,
+                        waits.c.event == name,
+                        waits.c.since <= ts,
+                        waits.c.expires_at > ts,
+                    )
+                )
+            )
+
+    def events_since(self, name: str, since: float, until: float) -> list[Any]:
+        """Events named ``name`` stored in ``[since, until)``, oldest first."""
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(events.c.id, events.c.name, events.c.data, events.c.ts)
+                    .where(
+                        events.c.app_id == self.app_id,
+                        events.c.name == name,
+                        events.c.ts >= since,
+                        events.c.ts < until,
+                    )
+                    .order_by(events.c.ts)
+                )
+            )
+
+    def deliver(self, run_id: str, step_id: str, output: str) -> bool:
+        """Complete a waiting step with an event and make its run due now.
+        ``False`` if the step was no longer waiting."""
+        now = _now()
+        with self.begin() as conn:
+            done = conn.execute(
+                steps.update()
+                .where(
+                    steps.c.run_id == run_id,
+                    steps.c.step_id == step_id,
+                    steps.c.status == "waiting",
+                )
+                .values(status="completed", output=output, finished_at=now, due_at=None)
+            ).rowcount
+            if done != 1:
+                return False
+            conn.execute(
+                waits.delete().where(
+                    waits.c.run_id == run_id, waits.c.step_id == step_id
+                )
+            )
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.due_at.is_not(None))
+                .values(
+                    due_at=now,
+                    version=runs.c.version + 1,
+                    updated_at=now,
+                    status=sa.case(
+                        (runs.c.status == "running", "running"), else_="scheduled"
+                    ),
+                )
+            )
+            self._notify(conn, WAKE_CHANNEL, run_id)
+        return True
+
+    def purge_events(self, older_than: float) -> int:
+        """Forget events stored before ``older_than``."""
+        with self.begin() as conn:
+            return conn.execute(
+                events.delete().where(
+                    events.c.app_id == self.app_id, events.c.ts < older_than
+                )
+            ).rowcount
+
+    # -- connections and schema -----------------------------------------------
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A short write transaction (SQLAlchemy Core)."""
+        with self._writer_lock(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only connection (no write lock on SQLite)."""
+        with self._read.connect() as conn:
+            yield conn
+
+    def dispose(self, close: bool = True) -> None:
+        """Drop pooled connections (``close=False`` after ``fork()``)."""
+        self.engine.dispose(close=close)
+
+    def create_all(self) -> None:
+        """Create the tables if needed, migrate older ones, and check the
+        schema version."""
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine, checkfirst=True)
+                break
+            except sa.exc.DatabaseError:
+                # Another process created them at the same moment.
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        with self.begin() as conn:
+            self._lock_meta(conn)
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+            if found is None:
+                self._insert_meta(conn, "schema_version", str(SCHEMA_VERSION))
+            elif int(found) > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the durable tables have schema version {found}, newer than"
+                    f" this flask-durable ({SCHEMA_VERSION}): upgrade the package"
+                )
+            elif int(found) < SCHEMA_VERSION:
+                migrate(conn, int(found), self.app_id)
+                conn.execute(
+                    meta.update()
+                    .where(meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
+                )
+
+    def _lock_meta(self, conn: Connection) -> None:
+        """Serialize schema checks between processes (SQLite: the write
+        transaction already does)."""
+
+    def _insert_meta(self, conn: Connection, key: str, value: str) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(meta.insert().values(key=key, value=value))
+        except IntegrityError:
+            pass
+
+    def secret(self) -> str:
+        """A random secret shared by every process using this database, for
+        signing wait tokens when the app has no ``SECRET_KEY``."""
+        with self.begin() as conn:
+            found = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "secret")
+            ).scalar()
+            if found is None:
+                self._insert_meta(conn, "secret", secrets.token_urlsafe(32))
+                found = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == "secret")
+                ).scalar_one()
+            return str(found)

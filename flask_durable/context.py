@@ -1,66 +1,25 @@
 """The current run and step, held in :mod:`contextvars`.
 
 :data:`current_run` and :data:`current_step` are proxies to small public
-objects (:class:`CurrentRun`, :class:`CurrentStep`), as :data:`flask.request`
-is to the request. The engine's own per-execution state
+objects (:class:`~flask_durable.records.CurrentRun`,
+:class:`~flask_durable.records.CurrentStep`), as :data:`flask.request` is to
+the request. The engine's own per-execution state
 (:class:`~flask_durable.execution.Execution`) stays private.
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from werkzeug.local import LocalProxy
 
 from .errors import StepNestingError
-
-if TYPE_CHECKING:
-    from .execution import Execution
+from .execution import Execution
+from .records import CurrentRun, CurrentStep
 
 _cv_run: ContextVar[Execution] = ContextVar("flask_durable.run")
 _cv_step: ContextVar[CurrentStep] = ContextVar("flask_durable.step")
-#: Set inside the branches of ``step.parallel``, whose control-flow signals
-#: are caught by ``step.parallel`` itself.
-_cv_branch: ContextVar[bool] = ContextVar("flask_durable.branch", default=False)
-
-
-@dataclass(frozen=True, slots=True)
-class CurrentRun:
-    """What :data:`current_run` exposes inside a durable view.
-
-    :ivar id: the run id (also in the ``Durable-Run-Id`` header).
-    :ivar attempt: how many times the run was resumed before this execution
-        (0 for the original request).
-    :ivar is_replay: ``True`` when this execution is a replay.
-    :ivar endpoint: the endpoint's stable id.
-    """
-
-    id: str
-    attempt: int
-    is_replay: bool
-    endpoint: str
-
-
-@dataclass(frozen=True, slots=True)
-class CurrentStep:
-    """What :data:`current_step` exposes inside a step function.
-
-    :ivar id: the step's id in this run (``"fetch"``, ``"fetch:1"``, ...).
-    :ivar attempt: 0 on the first attempt, 1 on the first retry, ...
-    :ivar run_id: the run's id.
-    """
-
-    id: str
-    attempt: int
-    run_id: str
-
-    @property
-    def idempotency_key(self) -> str:
-        """Stable for this run and step across retries and crashes: pass it
-        to payment and other idempotent APIs."""
-        return f"{self.run_id}:{self.id}"
 
 
 current_run: CurrentRun = cast(

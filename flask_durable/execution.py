@@ -14,18 +14,19 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from . import signals
 from .commit import Committer
 from .config import Config
-from .context import CurrentRun, _cv_branch
 from .errors import StepError, _Cancelled, _Interrupt, _LeaseLost, _StoreUnavailable
 from .records import (
     STEP_COMPLETED,
     STEP_ERROR,
     STEP_FAILED,
     Checkpoint,
+    CurrentRun,
     NewRun,
     StepRecord,
     WaitSpec,
@@ -35,6 +36,10 @@ from .store import UNAVAILABLE
 
 log = logging.getLogger("flask_durable")
 
+#: Set inside the branches of ``step.parallel``, whose control-flow signals
+#: are caught by ``step.parallel`` itself.
+_cv_branch: ContextVar[bool] = ContextVar("flask_durable.branch", default=False)
+
 _MAX_STEP_ID = 200
 #: Failed attempts kept per step (the oldest are dropped).
 _MAX_HISTORY = 50
@@ -43,7 +48,7 @@ _MAX_TRACEBACK = 8000
 
 class Execution:
     """The engine's state for one execution of a run (private; views see
-    :class:`~flask_durable.context.CurrentRun`)."""
+    :class:`~flask_durable.records.CurrentRun`)."""
 
     def __init__(
         self,
@@ -103,8 +108,8 @@ class Execution:
         #: The control-flow signal last raised to the view, until it left
         #: the view (a view that swallows one gets a clear error).
         self.interrupt: _Interrupt | None = None
-        #: Set while the final response is being written: the heartbeat
-        #: leaves the run alone (its lease ends with that write).
+        #: Set once the final response is handed to the committer: a lease
+        #: the heartbeat finds gone then ended with that write.
         self.finishing = False
         #: Until when (``time.monotonic()``) this process may start a step
         #: without asking the database whether it still holds the lease.

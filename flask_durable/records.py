@@ -262,3 +262,40 @@ class RunInfo:
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentRun:
+    """What :data:`current_run` exposes inside a durable view.
+
+    :ivar id: the run id (also in the ``Durable-Run-Id`` header).
+    :ivar attempt: how many times the run was resumed before this execution
+        (0 for the original request).
+    :ivar is_replay: ``True`` when this execution is a replay.
+    :ivar endpoint: the endpoint's stable id.
+    """
+
+    id: str
+    attempt: int
+    is_replay: bool
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentStep:
+    """What :data:`current_step` exposes inside a step function.
+
+    :ivar id: the step's id in this run (``"fetch"``, ``"fetch:1"``, ...).
+    :ivar attempt: 0 on the first attempt, 1 on the first retry, ...
+    :ivar run_id: the run's id.
+    """
+
+    id: str
+    attempt: int
+    run_id: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable for this run and step across retries and crashes: pass it
+        to payment and other idempotent APIs."""
+        return f"{self.run_id}:{self.id}"

@@ -278,9 +278,10 @@ class Scheduler:
 
     def heartbeat(self) -> None:
         """Renew the leases of runs executing in this process."""
-        contexts = [
-            c for c in list(self.active.values()) if c.in_db and not c.finishing
-        ]
+        # Runs whose final response is queued are renewed too (an async
+        # batch can take a while); a "lost" answer for them only means the
+        # response was committed meanwhile.
+        contexts = [c for c in list(self.active.values()) if c.in_db]
         if not contexts:
             return
         started = time.monotonic()

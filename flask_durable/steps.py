@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
-from .context import CurrentStep, _cv_branch, _cv_step, get_execution
+from .context import _cv_step, get_execution
 from .durations import Duration, parse_duration, parse_instant
 from .errors import (
     NonRetriableError,
@@ -24,7 +24,7 @@ from .errors import (
     _Interrupt,
     _Suspend,
 )
-from .execution import Execution, raise_for_failed
+from .execution import Execution, _cv_branch, raise_for_failed
 from .records import (
     STEP_COMPLETED,
     STEP_ERROR,
@@ -32,6 +32,7 @@ from .records import (
     STEP_RUNNING,
     STEP_SLEEPING,
     STEP_WAITING,
+    CurrentStep,
     StepRecord,
     WaitSpec,
 )

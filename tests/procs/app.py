@@ -189,6 +189,22 @@ def create_app() -> Flask:
         b = step.run("b", effect, job, "b")
         return jsonify(job=job, pid=os.getpid(), steps={"a": a, "b": b})
 
+    @app.post("/stall")
+    @durable.endpoint
+    def stall() -> Any:
+        """``one`` commits, then plain view code (outside any step) takes
+        ``pause`` seconds, then ``two`` and ``three``: the test SIGSTOPs the
+        process during the pause, long enough for its lease to expire."""
+        body = request.get_json()
+        job = body["job"]
+        one = step.run("one", effect, job, "one")
+        time.sleep(float(body.get("pause", 3.0)))
+        two = step.run("two", effect, job, "two")
+        three = step.run("three", effect, job, "three")
+        return jsonify(
+            job=job, pid=os.getpid(), steps={"one": one, "two": two, "three": three}
+        )
+
     return app
 
 

@@ -1,8 +1,8 @@
 """Scenario 5: cost as the tables grow.
 
 The durable tables are pre-filled with N finished runs of 3 steps each,
-cloned from a real run (bulk inserts through ``flask_durable.store``'s
-``Table`` objects), then the 3-step durable request is measured against the
+cloned from a real run (bulk inserts through the ``Table`` objects of
+``flask_durable.store.schema``), then the 3-step durable request is measured against the
 plain view at each N. The ratio durable/plain at N over the same ratio at the
 smallest N shows whether a checkpoint gets slower as history accumulates
 (target: within 20%).
@@ -27,7 +27,7 @@ from common import (
     temp_dir,
 )
 
-from flask_durable import store as durable_store
+from flask_durable.store import schema
 
 BATCH = 5_000
 TOLERANCE = 0.20
@@ -38,7 +38,7 @@ def _templates(app: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     response = app.test_client().get("/durable/3")
     run_id = response.headers["Durable-Run-Id"]
     store = app.extensions["durable"].store
-    runs, steps = durable_store.runs, durable_store.steps
+    runs, steps = schema.runs, schema.steps
     with store.engine.connect() as conn:
         run = dict(
             conn.execute(sa.select(runs).where(runs.c.id == run_id)).one()._mapping
@@ -60,7 +60,7 @@ def prefill(
     """Insert finished runs number ``start`` to ``stop`` (exclusive);
     returns the seconds taken."""
     store = app.extensions["durable"].store
-    runs, steps = durable_store.runs, durable_store.steps
+    runs, steps = schema.runs, schema.steps
     # Older than any live run: ids sort by creation time.
     base_ms = int((time.time() - 400 * 86400) * 1000)
     t0 = time.perf_counter()
@@ -93,7 +93,7 @@ def prefill(
             conn.execute(runs.insert(), run_rows)
             conn.execute(steps.insert(), all_steps)
     took = time.perf_counter() - t0
-    if store.is_sqlite:
+    if store.engine.dialect.name == "sqlite":
         # Fold the WAL back into the database, as a quiet server would.
         with sqlite3.connect(store.engine.url.database) as raw:
             raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -179,7 +179,8 @@ def run(mode: Mode, pg: bool) -> list[Report]:
         " reference table of the smallest size, measured side by side in the"
         " same rounds (1.00 = no slowdown; target within 20%). added_us ="
         " durable minus plain request time. Runs are pre-filled as finished runs"
-        " of 3 steps each (bulk inserts through flask_durable.store's tables);"
+        " of 3 steps each (bulk inserts through flask_durable.store.schema's"
+        " tables);"
         " PostgreSQL tables are ANALYZEd after each fill, as autovacuum would."
     )
     return [report]

@@ -112,7 +112,7 @@ class StackSampler:
     seconds (``sys._current_frames``) and aggregates them.
 
     For each sample of a thread it records the leaf frame, the innermost
-    ``flask_durable`` frame (``store.claim_due``, ``store.write_steps``: which
+    ``flask_durable`` frame (``claim_due``, ``write``, ``load_steps``: which
     query a thread is in, including time blocked in the driver) and whether
     the thread was idle (waiting for work in a pool queue or the scheduler).
     Sampling needs the GIL, so a thread in C code that holds the GIL is
@@ -373,40 +373,47 @@ class ClaimDelays:
     """How long claimed runs wait between their claim (the lease starts) and
     the start of their replay; a wait longer than the lease means another
     thread or process may claim the run again. Installed by wrapping the
-    app's ``store.claim``/``store.claim_due`` and ``state.resume`` instance
-    attributes (the library is not modified)."""
+    app's ``store.claim``/``store.claim_due`` and ``scheduler.resume``
+    instance attributes (the library is not modified). The scheduler got
+    ``lifecycle.resume`` at its construction, so its own ``resume``
+    attribute is the one to wrap."""
 
     def __init__(self, app: Any, lease: float) -> None:
-        self.state = state = app.extensions["durable"]
+        self.lifecycle = lifecycle = app.extensions["durable"]
+        self.scheduler = scheduler = lifecycle.scheduler
         self.lease = lease
         self.claimed: dict[tuple[str, str], tuple[float, str]] = {}
         self.runs: collections.Counter[str] = collections.Counter()
         self.delays: list[tuple[float, str]] = []
         self.by_path: collections.Counter[str] = collections.Counter()
-        store = state.store
-        orig_claim, orig_due, orig_resume = store.claim, store.claim_due, state.resume
+        store = lifecycle.store
+        if scheduler.store is not store:
+            raise RuntimeError("the scheduler does not use the lifecycle's store")
+        orig_claim, orig_due = store.claim, store.claim_due
+        orig_resume = self._orig_resume = scheduler.resume
 
         def claim(run_id: str, owner: str, *a: Any, **kw: Any) -> Any:
-            row = orig_claim(run_id, owner, *a, **kw)
-            if row is not None:
-                self._note(row.id, owner, "timer (claim)")
-            return row
+            found = orig_claim(run_id, owner, *a, **kw)
+            if found is not None:
+                self._note(found.id, owner, "timer (claim)")
+            return found
 
-        def claim_due(owner: str, lease: float, limit: int) -> Any:
-            rows = orig_due(owner, lease, limit)
+        def claim_due(owner: str, *a: Any, **kw: Any) -> Any:
+            claims = orig_due(owner, *a, **kw)
             caller = sys._getframe(1).f_code.co_name
             path = "drain (claim_due 1)" if caller == "_drain" else "sweep (claim_due)"
-            for row in rows:
-                self._note(row.id, owner, path)
-            return rows
+            for found in claims:
+                self._note(found.id, owner, path)
+            return claims
 
-        def resume(claim: dict[str, Any]) -> Any:
-            found = self.claimed.get((claim["id"], claim["owner"]))
+        def resume(claim: Any) -> Any:
+            found = self.claimed.get((claim.id, claim.owner))
             if found is not None:
                 self.delays.append((time.time() - found[0], found[1]))
             return orig_resume(claim)
 
-        store.claim, store.claim_due, state.resume = claim, claim_due, resume
+        store.claim, store.claim_due = claim, claim_due
+        scheduler.resume = resume
 
     def _note(self, run_id: str, owner: str, path: str) -> None:
         self.claimed[(run_id, owner)] = (time.time(), path)
@@ -414,12 +421,12 @@ class ClaimDelays:
         self.by_path[path] += 1
 
     def uninstall(self) -> None:
-        for obj, name in (
-            (self.state.store, "claim"),
-            (self.state.store, "claim_due"),
-            (self.state, "resume"),
-        ):
-            obj.__dict__.pop(name, None)
+        store = self.lifecycle.store
+        store.__dict__.pop("claim", None)
+        store.__dict__.pop("claim_due", None)
+        # The scheduler's resume was an instance attribute already (the
+        # lifecycle's bound method): put it back.
+        self.scheduler.resume = self._orig_resume
 
     def report(self) -> dict[str, Any]:
         d = sorted(self.delays) or [(0.0, "")]
@@ -508,13 +515,13 @@ class Counter:
 
 
 def scheduler_state(app: Any) -> dict[str, int]:
-    state = app.extensions["durable"]
-    sched = state.scheduler
+    lifecycle = app.extensions["durable"]
+    sched = lifecycle.scheduler
     aps = sched._aps
     return {
         "aps_jobs": len(aps.get_jobs()) if aps is not None else 0,
         "wake_timers": len(sched._timers),
-        "active_runs": len(state.active),
+        "active_runs": len(lifecycle.active),
         "inflight": sched._inflight,
     }
 

@@ -186,7 +186,9 @@ def _post_event(server: Any, payload: Any, key: str | None = EVENT_KEY) -> Any:
 
 
 def test_approval_flow_resumed_by_event(make_app: Any, live_server: Any) -> None:
-    app, calls = build(make_app)
+    # A short long-poll: the poll below that finds the run still waiting
+    # answers after 0.5 s, not the default 10 s.
+    app, calls = build(make_app, DURABLE_WAIT_TIMEOUT=0.5)
     server = live_server(app)
     r = server.post("/approve/42", allow_redirects=False)
     assert r.status_code == 303
@@ -205,13 +207,13 @@ def test_approval_flow_resumed_by_event(make_app: Any, live_server: Any) -> None
         == 202
     )
     pending = server.get(
-        location,
-        headers={"Prefer": "respond-async"},
-        allow_redirects=False,
-        params=None,
+        location, headers={"Prefer": "respond-async"}, allow_redirects=False
     )
+    # Still waiting: neither event matched.
+    assert pending.status_code == 202
+    assert pending.json() == {"run_id": r.json()["run_id"], "status": "waiting"}
+    assert pending.headers["Location"] == location
     assert calls["confirm"] == 0
-    del pending
 
     sent = _post_event(
         server,

@@ -50,7 +50,6 @@ from .records import (
     RunInfo,
     RunStatus,
     StepInfo,
-    StepRecord,
     Suspension,
 )
 from .replay import CONTEXT_KEY, REPLAY_KEY, build_environ, capture_request, replay
@@ -65,9 +64,9 @@ from .responses import (
     unavailable,
 )
 from .scheduler import Scheduler
-from .serde import load_json, load_value
 from .store import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, open_store
 from .tokens import WaitTokens
+from .waiters import Waiters
 
 log = logging.getLogger("flask_durable")
 
@@ -106,7 +105,7 @@ class Lifecycle:
         self.store = open_store(config)
         self.tokens = WaitTokens(config.secret_key or app.secret_key, self.store.secret)
         self.active: dict[str, Execution] = {}
-        self.waiters = _Waiters()
+        self.waiters = Waiters()
         self.events = EventBus(self.store, self._wake)
         self._lock = threading.Lock()
         self._counter = itertools.count()
@@ -215,7 +214,7 @@ class Lifecycle:
         self._ready_pid = None
         self._schema_pid = None
         self.active.clear()
-        self.waiters = _Waiters()
+        self.waiters = Waiters()
         forget = getattr(self.store, "forget_listener", None)
         if forget is not None:
             forget()
@@ -666,7 +665,7 @@ class Lifecycle:
         row = self.store.get_run(run_id)
         if row is None:
             return None
-        steps = [_step_info(r) for r in self.store.load_steps(run_id)]
+        steps = [StepInfo.from_record(r) for r in self.store.load_steps(run_id)]
         response = None
         if row.response is not None:
             status, headers, body = decode_response(row.response)
@@ -683,55 +682,6 @@ class Lifecycle:
             error=row.error,
             response=response,
         )
-
-
-def _step_info(rec: StepRecord) -> StepInfo:
-    error = None
-    if rec.error:
-        error_type, message = load_json(rec.error)
-        error = {"type": error_type, "message": message}
-    history = load_json(rec.history) if rec.history else []
-    for entry in history:
-        entry["at"] = to_datetime(entry["at"])
-    return StepInfo(
-        id=rec.step_id,
-        status=rec.status,
-        attempts=rec.attempts,
-        output=load_value(rec.output) if rec.output is not None else None,
-        error=error,
-        started_at=to_datetime(rec.started_at),
-        finished_at=to_datetime(rec.finished_at),
-        due_at=to_datetime(rec.due_at),
-        attempt_errors=history,
-    )
-
-
-class _Waiters:
-    """Wakes wait-URL requests in this process when a run finishes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: dict[str, list[threading.Event]] = {}
-
-    def subscribe(self, run_id: str) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._events.setdefault(run_id, []).append(event)
-        return event
-
-    def unsubscribe(self, run_id: str, event: threading.Event) -> None:
-        with self._lock:
-            listeners = self._events.get(run_id)
-            if listeners is not None:
-                listeners.remove(event)
-                if not listeners:
-                    del self._events[run_id]
-
-    def notify(self, run_id: str) -> None:
-        with self._lock:
-            listeners = list(self._events.get(run_id, ()))
-        for event in listeners:
-            event.set()
 
 
 def _after_fork_in_child() -> None:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .durations import to_datetime
+from .serde import load_json, load_value
+
 
 class RunStatus(str, enum.Enum):
     """The status of a run. Compares equal to its string value
@@ -237,6 +240,28 @@ class StepInfo:
     finished_at: datetime | None
     due_at: datetime | None
     attempt_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, rec: StepRecord) -> StepInfo:
+        """The public view of a stored step."""
+        error = None
+        if rec.error:
+            error_type, message = load_json(rec.error)
+            error = {"type": error_type, "message": message}
+        history = load_json(rec.history) if rec.history else []
+        for entry in history:
+            entry["at"] = to_datetime(entry["at"])
+        return cls(
+            id=rec.step_id,
+            status=rec.status,
+            attempts=rec.attempts,
+            output=load_value(rec.output) if rec.output is not None else None,
+            error=error,
+            started_at=to_datetime(rec.started_at),
+            finished_at=to_datetime(rec.finished_at),
+            due_at=to_datetime(rec.due_at),
+            attempt_errors=history,
+        )
 
 
 @dataclass(frozen=True)

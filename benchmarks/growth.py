@@ -2,10 +2,10 @@
 
 The durable tables are pre-filled with N finished runs of 3 steps each,
 cloned from a real run (bulk inserts through the ``Table`` objects of
-``flask_durable.store.schema``), then the 3-step durable request is measured against the
-plain view at each N. The ratio durable/plain at N over the same ratio at the
-smallest N shows whether a checkpoint gets slower as history accumulates
-(target: within 20%).
+``flask_durable.store.schema``; the clones keep the app's ``app_id``), then
+the 3-step durable request is measured against the plain view at each N. The
+ratio durable/plain at N over the same ratio at the smallest N shows whether
+a checkpoint gets slower as history accumulates (target: within 20%).
 """
 
 from __future__ import annotations

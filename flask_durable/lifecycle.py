@@ -193,8 +193,9 @@ class Lifecycle:
                 self.ensure_ready()
             except UNAVAILABLE as e:
                 log.warning("flask-durable could not start yet: %s", e)
-            except RuntimeError:
-                pass  # shut down meanwhile
+            except Exception:
+                if not self.closed:  # else: shut down meanwhile
+                    log.exception("flask-durable could not start")
 
         threading.Thread(target=start, name="durable-start", daemon=True).start()
 

@@ -176,7 +176,7 @@ class Lifecycle:
                 self.scheduler.start(
                     full=self.config.scheduler and scheduler is not False
                 )
-                self.store.start_listener(self._on_notify)
+                self.store.start_threads(self._on_notify)
                 self._ready_pid = pid
             if scheduler and not self.scheduler.running:
                 self.scheduler.shutdown()
@@ -216,9 +216,7 @@ class Lifecycle:
         self._schema_pid = None
         self.active.clear()
         self.waiters = Waiters()
-        forget = getattr(self.store, "forget_listener", None)
-        if forget is not None:
-            forget()
+        self.store.forget_threads()
         self._new_process()
         self.store.dispose(close=False)
 
@@ -231,7 +229,7 @@ class Lifecycle:
         self.writer.stop()
         if started:
             self.scheduler.shutdown()
-            self.store.stop_listener()
+            self.store.stop_threads()
         self.store.dispose()
 
     def new_owner(self) -> str:

@@ -118,12 +118,16 @@ class Store:
     def _notify(self, conn: Connection, channel: str, payload: str) -> None:
         """Queue a notification sent when ``conn`` commits (if supported)."""
 
-    def start_listener(self, on_notify: Callable[[str, str], None]) -> None:
-        """Call ``on_notify(channel, run_id)`` from a thread of the store's
-        own for runs finished or woken by other processes (PostgreSQL)."""
+    def start_threads(self, on_notify: Callable[[str, str], None]) -> None:
+        """Start the store's own background thread, once per process:
+        PostgreSQL calls ``on_notify(channel, run_id)`` for runs finished
+        or woken by other processes; SQLite checkpoints its WAL."""
 
-    def stop_listener(self) -> None:
-        """Stop what :meth:`start_listener` started."""
+    def stop_threads(self) -> None:
+        """Stop what :meth:`start_threads` started."""
+
+    def forget_threads(self) -> None:
+        """After ``fork()``: the parent's threads do not exist here."""
 
     # -- SQL built once -------------------------------------------------------
 

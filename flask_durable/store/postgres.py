@@ -158,7 +158,7 @@ class PostgresStore(Store):
 
     # -- LISTEN ------------------------------------------------------------------
 
-    def start_listener(self, on_notify: Callable[[str, str], None]) -> None:
+    def start_threads(self, on_notify: Callable[[str, str], None]) -> None:
         self._listener_stop = threading.Event()
         self._listener = threading.Thread(
             target=self._listen,
@@ -168,14 +168,13 @@ class PostgresStore(Store):
         )
         self._listener.start()
 
-    def stop_listener(self) -> None:
+    def stop_threads(self) -> None:
         thread, self._listener = self._listener, None
         if thread is not None:
             self._listener_stop.set()
             thread.join(5)
 
-    def forget_listener(self) -> None:
-        """After ``fork()``: the parent's thread does not exist here."""
+    def forget_threads(self) -> None:
         self._listener = None
 
     def _listen(

@@ -224,3 +224,62 @@ def test_unrelated_keys_do_not_warn(app: Flask) -> None:
     # filterwarnings = error: a warning here fails the test.
     app.config.update(DURABLE_SOMETHING_ELSE_ENTIRELY=1, SQLALCHEMY_ECHO=True)
     Config.from_app(app)
+
+
+# -- through Durable.init_app ----------------------------------------------------
+
+
+def _init_app(app: Flask, **config: Any) -> None:
+    from flask_durable import Durable
+
+    app.config.update(config)
+    Durable().init_app(app)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DURABLE_LEASE_SECONDS", "abc"),
+        ("DURABLE_SCHEDULER", "no"),
+        ("DURABLE_CHECKPOINT", "later"),
+        ("DURABLE_RETRIES", -1),
+        ("DURABLE_APP_ID", ""),
+    ],
+)
+def test_init_app_rejects_a_bad_value(
+    app: Flask, tmp_path: Path, key: str, value: Any
+) -> None:
+    uri = f"sqlite:///{tmp_path}/durable.sqlite3"
+    with pytest.raises(ValueError, match=f"^{key} ") as e:
+        _init_app(app, DURABLE_DATABASE_URI=uri, **{key: value})
+    assert repr(value) in str(e.value)
+    assert "durable" not in app.extensions
+    assert "durable" not in app.blueprints
+    assert not (tmp_path / "durable.sqlite3").exists()
+
+
+def test_init_app_rejects_a_missing_sqlite_directory(
+    app: Flask, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing" / "deeper"
+    with pytest.raises(ValueError, match="^DURABLE_DATABASE_URI .*does not exist"):
+        _init_app(app, DURABLE_DATABASE_URI=f"sqlite:///{missing}/durable.db")
+    assert not (tmp_path / "missing").exists()
+    assert not os.path.exists(app.instance_path)
+    assert "durable" not in app.extensions
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mysql://user:hunter2@localhost/runs",
+        "mysql+pymysql://user@localhost/runs",
+        "oracle://user@localhost/runs",
+        "mssql+pyodbc://user@dsn",
+    ],
+)
+def test_init_app_rejects_an_unsupported_database(app: Flask, uri: str) -> None:
+    with pytest.raises(ValueError, match="DURABLE_DATABASE_URI") as e:
+        _init_app(app, DURABLE_DATABASE_URI=uri)
+    assert "hunter2" not in str(e.value)
+    assert "durable" not in app.extensions

@@ -81,9 +81,13 @@ def draw(results: dict[str, Any], path: str) -> bool:
                 s=400,
                 color="black",
             )
-        ax.set_xticks(list(x), [r["db"] for r in rows])
+        ax.set_xticks(
+            list(x),
+            [f"{r['db']}\n{r.get('checkpoint', '')}" for r in rows],
+            fontsize=7,
+        )
         ax.set_ylabel("latency ms (bar p50, tick p99)")
-        ax.set_title("3. gunicorn over HTTP")
+        ax.set_title("3. gunicorn over HTTP, light client")
         ax.legend(fontsize=8)
 
     ax = axes[1][0]

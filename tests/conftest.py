@@ -161,7 +161,7 @@ def live_server() -> Iterator[Callable[[Flask], LiveServer]]:
         server.stop()
 
 
-# -- multi-process tests (tests/test_processes.py, tests/test_postgres.py) ----
+# -- multi-process tests (tests/test_recovery_processes.py, test_servers.py) --
 
 
 @pytest.fixture

@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, jsonify
 
+from flask_durable import Durable, step
 from flask_durable.config import DEFAULTS, Config
+
+durable = Durable()
 
 
 @pytest.fixture
@@ -283,3 +286,48 @@ def test_init_app_rejects_an_unsupported_database(app: Flask, uri: str) -> None:
         _init_app(app, DURABLE_DATABASE_URI=uri)
     assert "hunter2" not in str(e.value)
     assert "durable" not in app.extensions
+
+
+# -- through Durable(app) and @durable.endpoint ------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{"retries": -1}, {"retries": "3"}, {"id": ""}, {"timeout": "soon"}]
+)
+def test_bad_endpoint_options(options: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        durable.endpoint(**options)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("DURABLE_RETRIES", -1),
+        ("DURABLE_CHECKPOINT", "later"),
+        ("DURABLE_WAIT_TIMEOUT", "x"),
+    ],
+)
+def test_bad_config_is_a_clear_error(make_app: Any, key: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=key):
+        make_app(**{key: value})
+
+
+def test_in_memory_sqlite_is_refused(make_app: Any) -> None:
+    with pytest.raises(ValueError, match="SQLite file"):
+        make_app(DURABLE_DATABASE_URI="sqlite://")
+
+
+def test_default_database_in_instance_path(tmp_path: Any) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "inst"))
+    Durable(app)
+    try:
+
+        @app.get("/")
+        @durable.endpoint
+        def view() -> Any:
+            return jsonify(v=step.run("s", lambda: 1))
+
+        assert app.test_client().get("/").json == {"v": 1}
+        assert (tmp_path / "inst" / "durable.sqlite3").exists()
+    finally:
+        app.extensions["durable"].close()

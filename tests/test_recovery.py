@@ -1,67 +1,40 @@
-"""Faults around leases and database connections, over real HTTP:
+"""Recovery within one process, over real HTTP:
 
-1. an owner stalled (SIGSTOP) past its lease while another process takes
-   the run over must not run a step the other process committed;
+1. runs outlive the app instance that started them: timers lost with a
+   process are found again by the sweeper of the next one;
 2. a new run whose first step outlasts the lease must not be born with an
    expired lease (and be replayed beside the live request);
-3. a database that refuses *new* connections (or a pool that has none
-   left) is a ``503`` with ``Retry-After``, never a ``500``, and a run being
-   parked at that moment is neither lost in this process nor failed;
+3. an unavailable database (SQLite locked, PostgreSQL refusing *new*
+   connections, a pool that has none left) is a ``503`` with
+   ``Retry-After``, never a ``500``, and a run being parked at that moment
+   is neither lost in this process nor failed;
 4. a run that just finished is never reported "lease lost".
+
+Leases and fencing between two apps: tests/test_recovery_fencing.py; real
+processes killed and racing: tests/test_recovery_processes.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import sqlalchemy as sa
 from flask import Flask, jsonify
-from procs import (
-    ProcessManager,
-    app_env,
-    check_committed_not_rerun,
-    check_no_overlap,
-    read_effects,
-    wait_for,
-)
+from procs import wait_for
 
 from flask_durable import Durable, RetryAfterError, current_run, signals, step
 
 durable = Durable()
-
-
-def _sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'durable.sqlite3'}"
-
-
-def _run_row(db: str, run_id: str) -> Any:
-    """The run's row, read straight from the database (the processes
-    under test may be stopped)."""
-    engine = sa.create_engine(db, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(
-                sa.text(
-                    "SELECT status, attempt, lease_owner FROM durable_runs"
-                    " WHERE id = :id"
-                ),
-                {"id": run_id},
-            ).first()
-    finally:
-        engine.dispose()
 
 
 def _final(
@@ -117,114 +90,60 @@ def _describe(response: requests.Response | None) -> str:
     return f"{response.status_code} {response.text[:200]!r}"
 
 
-# -- 1. A stalled owner must not run a step another process committed -------
+# -- 1. Runs outlive the app instance that started them ---------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-)
-def test_stalled_owner_does_not_rerun_committed_steps(
-    procs: ProcessManager,
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
-    backend: str,
+def routes(app: Flask) -> Flask:
+    @app.post("/nap")
+    @durable.endpoint
+    def nap() -> Any:
+        step.sleep("nap", "2s")
+        return jsonify(woke=time.time())
+
+    @app.before_request
+    def guard() -> Any:
+        if app.config.get("LOCKED") and durable.is_replay():
+            return jsonify(error="locked"), 423
+        return None
+
+    return app
+
+
+def test_server_restarted_during_sleep_wakes_on_time(
+    make_app: Any, live_server: Any
 ) -> None:
-    db = (
-        _sqlite_url(tmp_path)
-        if backend == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    env = app_env(tmp_path, db)  # lease 2 s, sweeps every 0.2 s
-    web = procs.serve("web", env)
-    web_pid = web.wait_healthy()["pid"]  # also starts its scheduler
-    worker = procs.worker("worker", env)
-    wait_for(
-        lambda: "flask-durable worker for" in worker.output() or not worker.alive(),
-        30,
-        "the worker to start",
-    )
-    assert worker.alive(), worker.output()
+    first = routes(make_app())
+    server = live_server(first)
+    r = server.post("/nap", allow_redirects=False)
+    due = time.time() + 2
+    location = r.headers["Location"]
+    server.stop()
+    first.extensions["durable"].close()  # the process is gone, timers too
 
-    job = f"stall-{backend}"
-    stopped = False
-    with ThreadPoolExecutor(1, thread_name_prefix="client") as pool:
-        # The client follows the 303 to the wait URL, like a browser.
-        answer = pool.submit(
-            requests.post,
-            web.url + "/stall",
-            json={"job": job, "pause": 3.0},
-            timeout=60,
-        )
-        try:
-            one = wait_for(
-                lambda: next(
-                    (
-                        e
-                        for e in read_effects(tmp_path).executions
-                        if e.job == job and e.step == "one" and e.outcome == "ok"
-                    ),
-                    None,
-                ),
-                30,
-                "step one to end in the web process",
-                interval=0.02,
-            )
-            assert one.pid == web_pid
-            run_id = one.run
-            # Stalled in the view code between "one" and "two" (a GC pause,
-            # a frozen VM, a laptop lid): the lease (2 s) expires, the worker
-            # claims the run and finishes it meanwhile.
-            os.kill(web_pid, signal.SIGSTOP)
-            stopped = True
-            try:
-                wait_for(
-                    lambda: (row := _run_row(db, run_id)) and row.status == "completed",
-                    40,
-                    "the worker to finish the run while the web process is stopped",
-                    interval=0.2,
-                )
-            except AssertionError:
-                raise AssertionError(procs.dump()) from None
-        finally:
-            if stopped:
-                os.kill(web_pid, signal.SIGCONT)
-        # The web process wakes up after its pause: the run is not its own
-        # any more.
-        response = answer.result(timeout=60)
+    second = routes(make_app())
+    server = live_server(second)
+    final = server.get(location)
+    assert final.status_code == 200
+    woke = final.json()["woke"]
+    assert woke >= due - 0.05
+    assert woke <= due + 0.2 + 1.0  # poll interval + 1 s
 
-    info = wait_for(
-        lambda: (
-            (r := web.get(f"/status/{run_id}", timeout=10)).status_code == 200
-            and r.json()["status"] in ("completed", "failed", "cancelled")
-            and r.json()
-        ),
-        30,
-        f"run {run_id} to be terminal",
-    )
-    assert info["status"] == "completed", info
-    assert info["response"]["status"] == 200, info
-    stored = json.loads(info["response"]["body"])
-    assert stored["pid"] == worker.pid, "the worker should have finished the run"
-    committed = {name: value["x"] for name, value in stored["steps"].items()}
 
-    effects = read_effects(tmp_path)
-    mine = [e for e in effects.executions if e.job == job]
-    ended = Counter(e.step for e in mine if e.outcome == "ok")
-    assert ended == {"one": 1, "two": 1, "three": 1}, (
-        "a step ran to completion more than once:\n  "
-        + "\n  ".join(
-            f"{e.step} pid={e.pid}{' (stalled web)' if e.pid == web_pid else ''}"
-            f" outcome={e.outcome}"
-            for e in mine
-        )
-    )
-    check_committed_not_rerun(effects, job, committed)
-    check_no_overlap(mine, {})
-
-    # The client that followed the redirect got the run's final response.
-    assert response.status_code == 200, (response.status_code, response.text)
-    assert response.json() == stored
+def test_replay_answered_before_the_view_finishes_the_run(
+    make_app: Any, live_server: Any
+) -> None:
+    app = routes(make_app())
+    server = live_server(app)
+    r = server.post("/nap", allow_redirects=False)
+    app.config["LOCKED"] = True
+    final = server.get(r.headers["Location"])
+    assert final.status_code == 423
+    assert final.json() == {"error": "locked"}
+    run_id = r.headers["Durable-Run-Id"]
+    assert final.headers["Durable-Run-Id"] == run_id
+    with app.app_context():
+        info = durable.get_run(run_id)
+    assert info is not None and info.status == "failed"
 
 
 # -- 2. A first step that outlasts the lease ----------------------------------
@@ -276,7 +195,40 @@ def test_first_step_longer_than_lease_runs_each_step_once(
     )
 
 
-# -- 3. A database that refuses new connections ----------------------------
+# -- 3. An unavailable database --------------------------------------------
+
+
+def test_locked_sqlite_is_503_then_recovers(
+    make_app: Any, live_server: Any, db_url: str
+) -> None:
+    app = make_app(DURABLE_SQLITE_BUSY_TIMEOUT=0.2)
+    calls: Counter[str] = Counter()
+
+    @app.post("/go")
+    @durable.endpoint
+    def go() -> Any:
+        return jsonify(v=step.run("one", lambda: calls.update(["one"]) or 1))
+
+    @app.get("/plain")
+    def plain() -> str:
+        return "plain"
+
+    server = live_server(app)
+    assert server.post("/go").status_code == 200  # creates the tables
+    locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        r = server.post("/go")
+        assert r.status_code == 503
+        assert r.headers["Retry-After"]
+        assert "unavailable" in r.json()["error"]
+        assert server.get("/plain").text == "plain"
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    r = server.post("/go")
+    assert r.status_code == 200
+    assert r.json() == {"v": 1}
 
 
 def _assert_503(response: requests.Response, what: str, problems: list[str]) -> None:

@@ -1,5 +1,6 @@
-"""Real processes, real SIGKILL, real HTTP: crash recovery on SQLite,
-several processes claiming the same due runs, and the Werkzeug reloader.
+"""Real processes, real SIGKILL and SIGSTOP, real HTTP: crash recovery on
+SQLite, several processes claiming the same due runs, an owner stalled past
+its lease, and PostgreSQL restarted under suspended runs.
 
 The app under test is :mod:`procs.app`, run in child processes. Every step
 execution is recorded in a log file the children append to (``O_APPEND``),
@@ -10,23 +11,27 @@ them with the results the runs stored.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import sqlalchemy as sa
 from procs import (
-    VENV_BIN,
     ProcessManager,
     app_env,
+    check_committed_not_rerun,
     check_job,
     check_no_overlap,
-    children_of,
-    free_port,
+    pg_cluster,
+    pg_isready,
     read_effects,
-    thread_count,
     wait_for,
 )
 
@@ -195,107 +200,240 @@ def test_two_workers_race_for_due_runs(
     assert resumed == worker_pids, "both workers should have resumed runs"
 
 
-# -- 5. The Werkzeug development server with the reloader ------------------
+# -- 3. A stalled owner must not run a step another process committed -------
 
 
-def _apscheduler_threads(health: dict[str, Any]) -> int:
-    return sum(1 for name in health["threads"] if name == "APScheduler")
+def _run_row(db: str, run_id: str) -> Any:
+    """The run's row, read straight from the database (the processes
+    under test may be stopped)."""
+    engine = sa.create_engine(db, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT status, attempt, lease_owner FROM durable_runs"
+                    " WHERE id = :id"
+                ),
+                {"id": run_id},
+            ).first()
+    finally:
+        engine.dispose()
 
 
-def test_reloader_scheduler_only_in_serving_child(
-    procs: ProcessManager, tmp_path: Path
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_stalled_owner_does_not_rerun_committed_steps(
+    procs: ProcessManager,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> None:
-    trigger = tmp_path / "reload-trigger.txt"
-    trigger.write_text("0")
-    port = free_port()
-    env = app_env(tmp_path, sqlite_url(tmp_path))
-    env.pop("FLASK_DEBUG", None)
-    parent = procs.start(
-        "flask-run-reload",
-        [
-            str(VENV_BIN / "flask"),
-            "--app",
-            "procs.app",
-            "run",
-            "--reload",
-            "--no-debugger",
-            "--port",
-            str(port),
-            "--extra-files",
-            str(trigger),
-        ],
-        env,
-        url=f"http://127.0.0.1:{port}",
+    db = (
+        sqlite_url(tmp_path)
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_url")
     )
-
-    def check_generation(generation: int) -> int:
-        health = parent.wait_healthy()
-        child = health["pid"]
-        assert child != parent.pid
-        assert health["ppid"] == parent.pid
-        assert children_of(parent.pid) == [child]
-        # A retried run: its first attempt runs in the request, its retry
-        # in the scheduler of the serving child.
-        job = f"reload-{generation}"
-        r = parent.post("/work", json={"job": job}, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["pid"] == child
-        effects = read_effects(tmp_path)
-        mine = [e for e in effects.executions if e.job == job]
-        assert [(e.step, e.attempt, e.pid) for e in mine] == [
-            ("a", 0, child),
-            ("a", 1, child),
-            ("b", 0, child),
-            ("c", 0, child),
-        ]
-        # The scheduler started exactly once in the child, never in the
-        # reloader's parent (which has only its main thread).
-        for _ in range(3):
-            health = parent.get("/health").json()
-            assert health["pid"] == child
-            assert _apscheduler_threads(health) == 1, health["threads"]
-        assert thread_count(parent.pid) == 1
-        return child
-
-    first_child = check_generation(1)
-    # A reload replaces the child; the new one starts its own scheduler.
-    time.sleep(1.1)  # the stat reloader compares mtimes at 1 s resolution
-    trigger.write_text("1")
+    env = app_env(tmp_path, db)  # lease 2 s, sweeps every 0.2 s
+    web = procs.serve("web", env)
+    web_pid = web.wait_healthy()["pid"]  # also starts its scheduler
+    worker = procs.worker("worker", env)
     wait_for(
-        lambda: parent.get("/health", timeout=5).json()["pid"] != first_child,
+        lambda: "flask-durable worker for" in worker.output() or not worker.alive(),
         30,
-        "the reloader to restart the child",
-        interval=0.2,
+        "the worker to start",
     )
-    second_child = check_generation(2)
-    assert second_child != first_child
+    assert worker.alive(), worker.output()
+
+    job = f"stall-{backend}"
+    stopped = False
+    with ThreadPoolExecutor(1, thread_name_prefix="client") as pool:
+        # The client follows the 303 to the wait URL, like a browser.
+        answer = pool.submit(
+            requests.post,
+            web.url + "/stall",
+            json={"job": job, "pause": 3.0},
+            timeout=60,
+        )
+        try:
+            one = wait_for(
+                lambda: next(
+                    (
+                        e
+                        for e in read_effects(tmp_path).executions
+                        if e.job == job and e.step == "one" and e.outcome == "ok"
+                    ),
+                    None,
+                ),
+                30,
+                "step one to end in the web process",
+                interval=0.02,
+            )
+            assert one.pid == web_pid
+            run_id = one.run
+            # Stalled in the view code between "one" and "two" (a GC pause,
+            # a frozen VM, a laptop lid): the lease (2 s) expires, the worker
+            # claims the run and finishes it meanwhile.
+            os.kill(web_pid, signal.SIGSTOP)
+            stopped = True
+            try:
+                wait_for(
+                    lambda: (row := _run_row(db, run_id)) and row.status == "completed",
+                    40,
+                    "the worker to finish the run while the web process is stopped",
+                    interval=0.2,
+                )
+            except AssertionError:
+                raise AssertionError(procs.dump()) from None
+        finally:
+            if stopped:
+                os.kill(web_pid, signal.SIGCONT)
+        # The web process wakes up after its pause: the run is not its own
+        # any more.
+        response = answer.result(timeout=60)
+
+    info = wait_for(
+        lambda: (
+            (r := web.get(f"/status/{run_id}", timeout=10)).status_code == 200
+            and r.json()["status"] in ("completed", "failed", "cancelled")
+            and r.json()
+        ),
+        30,
+        f"run {run_id} to be terminal",
+    )
+    assert info["status"] == "completed", info
+    assert info["response"]["status"] == 200, info
+    stored = json.loads(info["response"]["body"])
+    assert stored["pid"] == worker.pid, "the worker should have finished the run"
+    committed = {name: value["x"] for name, value in stored["steps"].items()}
+
+    effects = read_effects(tmp_path)
+    mine = [e for e in effects.executions if e.job == job]
+    ended = Counter(e.step for e in mine if e.outcome == "ok")
+    assert ended == {"one": 1, "two": 1, "three": 1}, (
+        "a step ran to completion more than once:\n  "
+        + "\n  ".join(
+            f"{e.step} pid={e.pid}{' (stalled web)' if e.pid == web_pid else ''}"
+            f" outcome={e.outcome}"
+            for e in mine
+        )
+    )
+    check_committed_not_rerun(effects, job, committed)
+    check_no_overlap(mine, {})
+
+    # The client that followed the redirect got the run's final response.
+    assert response.status_code == 200, (response.status_code, response.text)
+    assert response.json() == stored
 
 
-def test_waitress_serves_and_resumes(procs: ProcessManager, tmp_path: Path) -> None:
-    port = free_port()
-    server = procs.start(
-        "waitress",
-        [
-            str(VENV_BIN / "waitress-serve"),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--threads",
-            "4",
-            "procs.app:app",
-        ],
-        app_env(tmp_path, sqlite_url(tmp_path)),
-        url=f"http://127.0.0.1:{port}",
+# -- 4. PostgreSQL restarted while runs sleep or wait for a retry ----------
+
+
+def _skip_unless_restartable(url: str) -> tuple[str, str]:
+    cluster = pg_cluster()
+    if cluster is None:
+        pytest.skip("pg_ctlcluster (postgresql-common) is not available")
+    if os.geteuid() != 0:
+        pytest.skip("restarting PostgreSQL with pg_ctlcluster needs root")
+    host = sa.engine.make_url(url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        pytest.skip(f"PostgreSQL at {host} is not the local cluster")
+    return cluster
+
+
+def _restart_postgres(url: str, cluster: tuple[str, str]) -> None:
+    version, name = cluster
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
-    health = server.wait_healthy()
-    # A retried run: the first attempt of "a" fails in the request, the
-    # client follows the 303 and gets the response of the replay.
-    r = server.post("/work", json={"job": "waitress"}, timeout=60)
-    assert r.status_code == 200, r.text
-    assert r.history and r.history[0].status_code == 303
-    mine = [e for e in read_effects(tmp_path).executions if e.job == "waitress"]
-    assert [(e.step, e.attempt, e.pid) for e in mine] == [
-        ("a", 0, health["pid"]),
-        ("a", 1, health["pid"]),
-        ("b", 0, health["pid"]),
-        ("c", 0, health["pid"]),
-    ]
+    wait_for(lambda: pg_isready(url), 60, "PostgreSQL to accept connections again")
+
+
+def _status(server: Any, run_id: str) -> dict[str, Any] | None:
+    try:
+        r = server.get(f"/status/{run_id}", timeout=10)
+    except requests.RequestException:
+        return None
+    if r.status_code != 200:
+        return None
+    info = r.json()
+    return info if info["status"] in ("completed", "failed", "cancelled") else None
+
+
+def _postmaster_started(url: str) -> Any:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT pg_postmaster_start_time()")).scalar()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_restart_while_runs_are_suspended(
+    procs: ProcessManager, tmp_path: Path, pg_url: str
+) -> None:
+    cluster = _skip_unless_restartable(pg_url)
+    server = procs.serve("server", app_env(tmp_path, pg_url))
+    pid = server.wait_healthy()["pid"]
+    prefer = {"Prefer": "respond-async"}
+    # One run waits for an event (certainly suspended across the restart),
+    # one sleeps and one waits for its retry (due shortly after it).
+    waiter = server.post(
+        "/nap", json={"job": "waiter", "wait": True, "nap": 0.5}, headers=prefer
+    )
+    sleeper = server.post("/nap", json={"job": "sleeper", "nap": 3}, headers=prefer)
+    retry = server.post(
+        "/work", json={"job": "retry", "retry_at": time.time() + 3}, headers=prefer
+    )
+    for response in (waiter, sleeper, retry):
+        assert response.status_code == 202, response.text
+
+    before = _postmaster_started(pg_url)
+    _restart_postgres(pg_url, cluster)
+    assert _postmaster_started(pg_url) != before, "PostgreSQL was not restarted"
+
+    waiter_id = waiter.headers["Durable-Run-Id"]
+    r = wait_for(lambda: server.get(f"/status/{waiter_id}"), 30, "the waiting run")
+    assert r.status_code == 200 and r.json()["status"] == "waiting", r.text
+    sent = wait_for(
+        lambda: (
+            (
+                resp := server.post(
+                    "/durable/events",
+                    json={"name": "go", "data": {"job": "waiter"}},
+                    headers={"Authorization": "Bearer procs-event-key"},
+                )
+            ).status_code
+            == 202
+            and resp
+        ),
+        30,
+        "the event to be accepted",
+    )
+    assert sent.json()["ids"]
+
+    finals = {}
+    for job, response in (("waiter", waiter), ("sleeper", sleeper), ("retry", retry)):
+        run_id = response.headers["Durable-Run-Id"]
+        info = wait_for(
+            lambda r=run_id: _status(server, r), 60, f"run {run_id} to finish"
+        )
+        assert info["status"] == "completed", info
+        # The wait URL answers with the stored final response.
+        final = server.get(response.headers["Location"], timeout=30)
+        assert final.status_code == 200, final.text
+        assert final.json() == json.loads(info["response"]["body"])
+        finals[job] = {k: v["x"] for k, v in final.json()["steps"].items()}
+    effects = read_effects(tmp_path)
+    check_job(effects, "waiter", finals["waiter"])
+    check_job(effects, "sleeper", finals["sleeper"])
+    check_job(effects, "retry", finals["retry"], designed_failures={"a": 1})
+    assert {e.pid for e in effects.executions} == {pid}
+    # New runs work after the restart as well.
+    fresh = server.post("/work", json={"job": "fresh", "fail_once": False})
+    assert fresh.status_code == 200, fresh.text

@@ -1,5 +1,6 @@
 """Replay goes through the app exactly like the original request: hooks,
-error handlers, url_for, host checks; RetryAfterError timing."""
+error handlers, url_for, host checks; RetryAfterError timing;
+``durable.is_replay()``, which a client cannot fake."""
 
 from __future__ import annotations
 
@@ -120,3 +121,28 @@ def test_propagated_exceptions_still_store_a_500(
     with app.app_context():
         info = durable.get_run(r.headers["Durable-Run-Id"])
     assert info is not None and info.status == "failed"
+
+
+def test_is_replay_false_on_first_request(make_app: Any) -> None:
+    app = make_app()
+
+    @app.get("/")
+    @durable.endpoint
+    def view() -> Any:
+        return jsonify(replay=durable.is_replay(), attempt=current_run.attempt)
+
+    assert app.test_client().get("/").json == {"replay": False, "attempt": 0}
+
+
+def test_replay_marker_cannot_be_sent_by_a_client(make_app: Any) -> None:
+    app = make_app()
+
+    @app.get("/")
+    @durable.endpoint
+    def view() -> Any:
+        return jsonify(replay=durable.is_replay())
+
+    r = app.test_client().get(
+        "/", headers={"Flask-Durable-Replay": "1", "X-Flask-Durable.Replay": "1"}
+    )
+    assert r.json == {"replay": False}

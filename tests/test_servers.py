@@ -1,17 +1,16 @@
-"""PostgreSQL under real servers: gunicorn (gthread with and without
-``--preload``, sync) with a worker SIGKILLed mid-load, and the database
-server restarted while runs are sleeping or waiting for a retry.
+"""Real servers: gunicorn on PostgreSQL (gthread with and without
+``--preload``, sync) with a worker SIGKILLed mid-load, the Werkzeug
+development server with the reloader, and waitress.
 
-Skipped when ``DURABLE_TEST_POSTGRES_URL`` is not set. Each test gets its
-own database (``durable_test_<random>``), dropped afterwards.
+The gunicorn tests are skipped when ``DURABLE_TEST_POSTGRES_URL`` is not
+set; each gets its own database (``durable_test_<random>``), dropped
+afterwards.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import pytest
 import requests
-import sqlalchemy as sa
 from procs import (
     VENV_BIN,
     Effects,
@@ -29,13 +27,16 @@ from procs import (
     check_no_overlap,
     children_of,
     free_port,
-    pg_cluster,
-    pg_isready,
     read_effects,
+    thread_count,
     wait_for,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+pytestmark = pytest.mark.slow
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'durable.sqlite3'}"
 
 
 def _client(url: str, job: str, body: dict[str, Any], deadline: float) -> Any:
@@ -67,9 +68,10 @@ def _in_flight(effects: Effects, pids: set[int]) -> list[int]:
     return sorted({e.pid for e in effects.executions if e.end is None} & pids)
 
 
-# -- 3. gunicorn, a worker SIGKILLed while runs execute --------------------
+# -- 1. gunicorn, a worker SIGKILLed while runs execute --------------------
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize(
     ("worker_class", "preload", "jobs"),
     [
@@ -182,112 +184,110 @@ def settled_health(server: Any) -> dict[str, Any]:
     raise AssertionError(f"the scheduler did not start: {health}")
 
 
-# -- 4. PostgreSQL restarted while runs sleep or wait for a retry ----------
+# -- 2. The Werkzeug development server with the reloader ------------------
 
 
-def _skip_unless_restartable(url: str) -> tuple[str, str]:
-    cluster = pg_cluster()
-    if cluster is None:
-        pytest.skip("pg_ctlcluster (postgresql-common) is not available")
-    if os.geteuid() != 0:
-        pytest.skip("restarting PostgreSQL with pg_ctlcluster needs root")
-    host = sa.engine.make_url(url).host
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        pytest.skip(f"PostgreSQL at {host} is not the local cluster")
-    return cluster
+def _apscheduler_threads(health: dict[str, Any]) -> int:
+    return sum(1 for name in health["threads"] if name == "APScheduler")
 
 
-def _restart_postgres(url: str, cluster: tuple[str, str]) -> None:
-    version, name = cluster
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    wait_for(lambda: pg_isready(url), 60, "PostgreSQL to accept connections again")
-
-
-def _status(server: Any, run_id: str) -> dict[str, Any] | None:
-    try:
-        r = server.get(f"/status/{run_id}", timeout=10)
-    except requests.RequestException:
-        return None
-    if r.status_code != 200:
-        return None
-    info = r.json()
-    return info if info["status"] in ("completed", "failed", "cancelled") else None
-
-
-def _postmaster_started(url: str) -> Any:
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text("SELECT pg_postmaster_start_time()")).scalar()
-    finally:
-        engine.dispose()
-
-
-def test_postgres_restart_while_runs_are_suspended(
-    procs: ProcessManager, tmp_path: Path, pg_url: str
+def test_reloader_scheduler_only_in_serving_child(
+    procs: ProcessManager, tmp_path: Path
 ) -> None:
-    cluster = _skip_unless_restartable(pg_url)
-    server = procs.serve("server", app_env(tmp_path, pg_url))
-    pid = server.wait_healthy()["pid"]
-    prefer = {"Prefer": "respond-async"}
-    # One run waits for an event (certainly suspended across the restart),
-    # one sleeps and one waits for its retry (due shortly after it).
-    waiter = server.post(
-        "/nap", json={"job": "waiter", "wait": True, "nap": 0.5}, headers=prefer
+    trigger = tmp_path / "reload-trigger.txt"
+    trigger.write_text("0")
+    port = free_port()
+    env = app_env(tmp_path, sqlite_url(tmp_path))
+    env.pop("FLASK_DEBUG", None)
+    parent = procs.start(
+        "flask-run-reload",
+        [
+            str(VENV_BIN / "flask"),
+            "--app",
+            "procs.app",
+            "run",
+            "--reload",
+            "--no-debugger",
+            "--port",
+            str(port),
+            "--extra-files",
+            str(trigger),
+        ],
+        env,
+        url=f"http://127.0.0.1:{port}",
     )
-    sleeper = server.post("/nap", json={"job": "sleeper", "nap": 3}, headers=prefer)
-    retry = server.post(
-        "/work", json={"job": "retry", "retry_at": time.time() + 3}, headers=prefer
-    )
-    for response in (waiter, sleeper, retry):
-        assert response.status_code == 202, response.text
 
-    before = _postmaster_started(pg_url)
-    _restart_postgres(pg_url, cluster)
-    assert _postmaster_started(pg_url) != before, "PostgreSQL was not restarted"
+    def check_generation(generation: int) -> int:
+        health = parent.wait_healthy()
+        child = health["pid"]
+        assert child != parent.pid
+        assert health["ppid"] == parent.pid
+        assert children_of(parent.pid) == [child]
+        # A retried run: its first attempt runs in the request, its retry
+        # in the scheduler of the serving child.
+        job = f"reload-{generation}"
+        r = parent.post("/work", json={"job": job}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["pid"] == child
+        effects = read_effects(tmp_path)
+        mine = [e for e in effects.executions if e.job == job]
+        assert [(e.step, e.attempt, e.pid) for e in mine] == [
+            ("a", 0, child),
+            ("a", 1, child),
+            ("b", 0, child),
+            ("c", 0, child),
+        ]
+        # The scheduler started exactly once in the child, never in the
+        # reloader's parent (which has only its main thread).
+        for _ in range(3):
+            health = parent.get("/health").json()
+            assert health["pid"] == child
+            assert _apscheduler_threads(health) == 1, health["threads"]
+        assert thread_count(parent.pid) == 1
+        return child
 
-    waiter_id = waiter.headers["Durable-Run-Id"]
-    r = wait_for(lambda: server.get(f"/status/{waiter_id}"), 30, "the waiting run")
-    assert r.status_code == 200 and r.json()["status"] == "waiting", r.text
-    sent = wait_for(
-        lambda: (
-            (
-                resp := server.post(
-                    "/durable/events",
-                    json={"name": "go", "data": {"job": "waiter"}},
-                    headers={"Authorization": "Bearer procs-event-key"},
-                )
-            ).status_code
-            == 202
-            and resp
-        ),
+    first_child = check_generation(1)
+    # A reload replaces the child; the new one starts its own scheduler.
+    time.sleep(1.1)  # the stat reloader compares mtimes at 1 s resolution
+    trigger.write_text("1")
+    wait_for(
+        lambda: parent.get("/health", timeout=5).json()["pid"] != first_child,
         30,
-        "the event to be accepted",
+        "the reloader to restart the child",
+        interval=0.2,
     )
-    assert sent.json()["ids"]
+    second_child = check_generation(2)
+    assert second_child != first_child
 
-    finals = {}
-    for job, response in (("waiter", waiter), ("sleeper", sleeper), ("retry", retry)):
-        run_id = response.headers["Durable-Run-Id"]
-        info = wait_for(
-            lambda r=run_id: _status(server, r), 60, f"run {run_id} to finish"
-        )
-        assert info["status"] == "completed", info
-        # The wait URL answers with the stored final response.
-        final = server.get(response.headers["Location"], timeout=30)
-        assert final.status_code == 200, final.text
-        assert final.json() == json.loads(info["response"]["body"])
-        finals[job] = {k: v["x"] for k, v in final.json()["steps"].items()}
-    effects = read_effects(tmp_path)
-    check_job(effects, "waiter", finals["waiter"])
-    check_job(effects, "sleeper", finals["sleeper"])
-    check_job(effects, "retry", finals["retry"], designed_failures={"a": 1})
-    assert {e.pid for e in effects.executions} == {pid}
-    # New runs work after the restart as well.
-    fresh = server.post("/work", json={"job": "fresh", "fail_once": False})
-    assert fresh.status_code == 200, fresh.text
+
+# -- 3. waitress ---------------------------------------------------------
+
+
+def test_waitress_serves_and_resumes(procs: ProcessManager, tmp_path: Path) -> None:
+    port = free_port()
+    server = procs.start(
+        "waitress",
+        [
+            str(VENV_BIN / "waitress-serve"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--threads",
+            "4",
+            "procs.app:app",
+        ],
+        app_env(tmp_path, sqlite_url(tmp_path)),
+        url=f"http://127.0.0.1:{port}",
+    )
+    health = server.wait_healthy()
+    # A retried run: the first attempt of "a" fails in the request, the
+    # client follows the 303 and gets the response of the replay.
+    r = server.post("/work", json={"job": "waitress"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.history and r.history[0].status_code == 303
+    mine = [e for e in read_effects(tmp_path).executions if e.job == "waitress"]
+    assert [(e.step, e.attempt, e.pid) for e in mine] == [
+        ("a", 0, health["pid"]),
+        ("a", 1, health["pid"]),
+        ("b", 0, health["pid"]),
+        ("c", 0, health["pid"]),
+    ]

@@ -1,4 +1,6 @@
-"""The durable core over real HTTP: happy path, retries, failures, replay."""
+"""Steps over real HTTP: the happy path, retries from the point of failure,
+failures, request bodies kept for replay, repeated step ids; steps used
+outside a durable view."""
 
 from __future__ import annotations
 
@@ -6,95 +8,16 @@ from collections import Counter
 from typing import Any
 
 import pytest
-import requests
-from flask import Flask, jsonify, request
+from steps_app import build, durable
 
-from flask_durable import (
-    Durable,
-    NonRetriableError,
-    StepError,
-    current_run,
-    current_step,
-    step,
-)
-
-durable = Durable()
+from flask_durable import current_run, current_step, step
+from flask_durable.errors import RetryAfterError, StepError
 
 
 @pytest.fixture
 def db_url(any_db_url: str) -> str:
     """Every test here runs on SQLite and on PostgreSQL."""
     return any_db_url
-
-
-def build(make_app: Any, **config: Any) -> tuple[Flask, Counter[str]]:
-    app = make_app(**config)
-    calls: Counter[str] = Counter()
-    failures: dict[str, int] = {}
-    ext = durable
-
-    def flaky(name: str, times: int) -> str:
-        calls[name] += 1
-        left = failures.setdefault(name, times)
-        if left > 0:
-            failures[name] = left - 1
-            raise ConnectionError(f"{name} down")
-        return f"{name}-ok"
-
-    @app.post("/three")
-    @ext.endpoint
-    def three() -> Any:
-        a = step.run("a", lambda: calls.update(["a"]) or 1)
-        b = step.run("b", lambda x: calls.update(["b"]) or x + 1, a)
-        c = step.run("c", lambda x: calls.update(["c"]) or x * 10, b)
-        return jsonify(a=a, b=b, c=c, replay=current_run.is_replay)
-
-    @app.post("/retry")
-    @ext.endpoint
-    def retry() -> Any:
-        first = step.run("first", lambda: calls.update(["first"]) or "one")
-        second = step.run("second", flaky, "second", 2)
-        return jsonify(first=first, second=second, attempt=current_run.attempt)
-
-    @app.post("/fatal")
-    @ext.endpoint
-    def fatal() -> Any:
-        def boom() -> None:
-            calls["fatal"] += 1
-            raise NonRetriableError("card declined")
-
-        try:
-            step.run("charge", boom)
-        except StepError as e:
-            return jsonify(step=e.step_id, type=e.error_type, msg=e.error_message), 402
-        return "unreachable"
-
-    @app.post("/exhaust")
-    @ext.endpoint(retries=1)
-    def exhaust() -> Any:
-        step.run("always", flaky, "always", 100)
-        return "unreachable"
-
-    @app.route("/echo", methods=["POST", "PUT", "PATCH"])
-    @ext.endpoint
-    def echo() -> Any:
-        step.run("fail-once", flaky, "echo", 1)
-        return jsonify(
-            method=request.method,
-            body=request.get_data().hex(),
-            form=request.form.to_dict(),
-            query=request.args.to_dict(),
-            ctype=request.content_type,
-        )
-
-    @app.get("/repeat")
-    @ext.endpoint(id="repeat-endpoint")
-    def repeat() -> Any:
-        ids = [step.run("fetch", lambda: current_step.id) for _ in range(3)]
-        keys = step.run("key", lambda: current_step.idempotency_key)
-        return jsonify(ids=ids, key=keys, run=current_run.id)
-
-    return app, calls
 
 
 def test_three_steps_happy_path_no_redirect(make_app: Any, live_server: Any) -> None:
@@ -131,30 +54,6 @@ def test_failing_step_retried_from_point_of_failure(
     assert final.headers["Durable-Run-Id"] == run_id
     assert calls["first"] == 1
     assert calls["second"] == 3
-
-
-def test_redirect_following_client_gets_final_response(
-    make_app: Any, live_server: Any
-) -> None:
-    app, calls = build(make_app)
-    server = live_server(app)
-    r = server.post("/retry")
-    assert r.status_code == 200
-    assert r.json()["second"] == "second-ok"
-    assert r.history and r.history[0].status_code == 303
-
-
-def test_prefer_respond_async(make_app: Any, live_server: Any) -> None:
-    app, _ = build(make_app)
-    server = live_server(app)
-    r = server.post(
-        "/retry", headers={"Prefer": "respond-async"}, allow_redirects=False
-    )
-    assert r.status_code == 202
-    body = r.json()
-    assert body["run_id"] == r.headers["Durable-Run-Id"]
-    assert body["wait_url"] == r.headers["Location"]
-    assert server.get(body["wait_url"]).json()["second"] == "second-ok"
 
 
 def test_non_retriable_raises_step_error_at_once(
@@ -249,48 +148,25 @@ def test_repeated_ids_get_their_own_step(make_app: Any, live_server: Any) -> Non
     assert body["key"] == f"{body['run']}:key"
 
 
-def test_tampered_and_unknown_tokens_are_404_json(
-    make_app: Any, live_server: Any
-) -> None:
-    app, _ = build(make_app)
-    server = live_server(app)
-    r = server.post("/retry", allow_redirects=False)
-    location = r.headers["Location"]
-    tampered = location[:-3] + ("aaa" if not location.endswith("aaa") else "bbb")
-    for url in (tampered, "/durable/wait/nope", "/durable/wait/" + "x" * 500):
-        bad = server.get(url)
-        assert bad.status_code == 404
-        assert bad.headers["Content-Type"] == "application/json"
-        assert "error" in bad.json()
-    server.get(location)
+def test_step_outside_a_durable_view_is_runtime_error() -> None:
+    with pytest.raises(RuntimeError, match="@durable.endpoint"):
+        step.run("x", lambda: 1)
+    with pytest.raises(RuntimeError):
+        step.sleep("x", "1s")
+    with pytest.raises(RuntimeError):
+        step.wait_for_event("x", event="e", timeout="1s")
+    with pytest.raises(RuntimeError):
+        step.parallel(lambda: 1)
+    with pytest.raises(RuntimeError, match="current_run"):
+        current_run.id  # noqa: B018
+    with pytest.raises(RuntimeError, match="current_step"):
+        current_step.id  # noqa: B018
 
 
-def test_wait_url_redirects_to_itself_while_running(
-    make_app: Any, live_server: Any
-) -> None:
-    app, _ = build(
-        make_app,
-        DURABLE_WAIT_TIMEOUT=0.3,
-        DURABLE_RETRY_BACKOFF=3,
-        DURABLE_RETRY_BACKOFF_MAX=3,
-    )
-    server = live_server(app)
-    r = server.post("/retry", allow_redirects=False)
-    location = r.headers["Location"]
-    again = server.get(location, allow_redirects=False)
-    assert again.status_code == 303
-    assert again.headers["Location"] == location
-    polled = server.get(
-        location, headers={"Prefer": "respond-async"}, allow_redirects=False
-    )
-    assert polled.status_code == 202
-    assert polled.headers["Retry-After"]
-    assert polled.json()["status"] in ("scheduled", "running")
-
-
-def test_requests_session_follows_to_the_end(make_app: Any, live_server: Any) -> None:
-    app, _ = build(make_app)
-    server = live_server(app)
-    with requests.Session() as s:
-        r = s.post(server.url + "/retry", timeout=30)
-    assert r.status_code == 200
+def test_retry_after_error_keeps_its_message() -> None:
+    e = RetryAfterError("slow down", "30s")
+    assert str(e) == "slow down"
+    assert e.retry_after == "30s"
+    err = StepError("s", "KeyError", "k")
+    assert (err.step_id, err.error_type, err.error_message) == ("s", "KeyError", "k")
+    assert "KeyError" in str(err)

@@ -16,6 +16,7 @@ times a second; the automatic one stays as a safety net at a high mark.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ class SQLiteStore(Store):
         self._setup(engine, synchronous, int(busy_timeout * 1000))
         self._lock = threading.RLock()
         self._writer: Any = None
+        self._path = url.database or ""
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = threading.Event()
         super().__init__(engine, app_id, lease_seconds)
@@ -193,18 +195,23 @@ class SQLiteStore(Store):
         self._checkpointer = None
 
     def _checkpoint_loop(self, stop: threading.Event) -> None:
-        conn = None
+        # A connection of its own, outside the pool: the pool's size is the
+        # app's to set (DURABLE_ENGINE_OPTIONS), and a checkpoint must never
+        # take a connection a request is waiting for.
+        conn: sqlite3.Connection | None = None
         while not stop.wait(_CHECKPOINT_INTERVAL):
             try:
                 if conn is None:
-                    conn = self._connect()
+                    conn = sqlite3.connect(
+                        self._path, isolation_level=None, check_same_thread=False
+                    )
+                    conn.execute("PRAGMA busy_timeout=100")
                 # PASSIVE: copies what it can without waiting for, or
                 # blocking, readers and writers.
-                conn.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except Exception as e:  # locked, disk full: try again later
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as e:  # locked, disk full: try again later
                 log.debug("WAL checkpoint skipped: %s", e)
                 if conn is not None:
-                    conn.invalidate()
                     conn.close()
                     conn = None
         if conn is not None:

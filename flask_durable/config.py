@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_MAX_STEP_OUTPUT": 4 * 1024 * 1024,
     "DURABLE_MAX_RUN_STATE": 32 * 1024 * 1024,
     "DURABLE_MAX_REQUEST_BODY": 1024 * 1024,
+    "DURABLE_MAX_EVENT_SIZE": 1024 * 1024,
 }
 
 _PREFIX = "DURABLE_"
@@ -90,6 +91,7 @@ class Config:
     max_step_output: int
     max_run_state: int
     max_request_body: int
+    max_event_size: int
 
     @classmethod
     def from_app(cls, app: Flask) -> Config:
@@ -137,6 +139,7 @@ class Config:
             max_step_output=_int(config, "DURABLE_MAX_STEP_OUTPUT", 1),
             max_run_state=_int(config, "DURABLE_MAX_RUN_STATE", 1),
             max_request_body=_int(config, "DURABLE_MAX_REQUEST_BODY", 0),
+            max_event_size=_int(config, "DURABLE_MAX_EVENT_SIZE", 1),
             # Last, so that a bad value elsewhere creates no instance folder.
             database_uri=_database_uri(app),
         )

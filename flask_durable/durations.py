@@ -9,7 +9,11 @@ from typing import TypeAlias
 Duration: TypeAlias = "str | int | float | timedelta"
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+# ASCII digits only: "\d" and float() also take "١٢", "1_000" and "1e12".
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d|w)", re.ASCII)
+#: The longest duration accepted: a hundred years, in seconds.
+MAX_DURATION = 100 * 365.25 * 86400.0
 
 
 def parse_duration(value: Duration) -> float:
@@ -17,9 +21,12 @@ def parse_duration(value: Duration) -> float:
 
     Accepts a number of seconds, a :class:`~datetime.timedelta`, or a string
     made of ``<number><unit>`` parts where unit is ``ms``, ``s``, ``m``,
-    ``h``, ``d`` or ``w``: ``"30s"``, ``"5m"``, ``"1h30m"``, ``"2d"``.
+    ``h``, ``d`` or ``w``: ``"30s"``, ``"5m"``, ``"1h30m"``, ``"2d"``. Numbers
+    are ASCII digits with an optional decimal part (no sign, exponent or
+    ``_``). A duration is at most a hundred years.
 
-    :raises ValueError: for a malformed or negative duration.
+    :raises ValueError: for a malformed, negative, non-finite or longer
+        duration (the message shows the value).
     :raises TypeError: for a value of another type.
     """
     if isinstance(value, bool):
@@ -31,10 +38,10 @@ def parse_duration(value: Duration) -> float:
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         if not text:
-            raise ValueError("empty duration")
-        try:
+            raise ValueError(f"empty duration {value!r}")
+        if _NUMBER.fullmatch(text):
             seconds = float(text)
-        except ValueError:
+        else:
             pos = 0
             seconds = 0.0
             for match in _PART.finditer(text):
@@ -45,11 +52,11 @@ def parse_duration(value: Duration) -> float:
             if pos != len(text) or pos == 0:
                 raise ValueError(
                     f"malformed duration {value!r}: use e.g. '30s', '5m', '1h30m', '2d'"
-                ) from None
+                )
     else:
         raise TypeError(f"a duration must be str, number or timedelta, not {value!r}")
-    if seconds != seconds or seconds < 0 or seconds == float("inf"):
-        raise ValueError(f"a duration must be finite and >= 0, got {value!r}")
+    if not 0 <= seconds <= MAX_DURATION:  # also refuses NaN
+        raise ValueError(f"a duration must be between 0 and 100 years, got {value!r}")
     return seconds
 
 
@@ -76,7 +83,14 @@ def parse_instant(value: datetime | str) -> float:
 
 
 def to_datetime(ts: float | None) -> datetime | None:
-    """Turn a stored POSIX timestamp into an aware UTC datetime."""
-    if ts is None:
+    """Turn a stored POSIX timestamp into an aware UTC datetime (``None``
+    for ``None`` or NaN; a time out of range is clamped)."""
+    if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    try:
+        return datetime.fromtimestamp(ts, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        # Beyond what datetime can show (stored by a version that took any
+        # duration): the nearest end of its range.
+        end = datetime.max if ts > 0 else datetime.min
+        return end.replace(tzinfo=timezone.utc)

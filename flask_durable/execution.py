@@ -31,7 +31,7 @@ from .records import (
     StepRecord,
     WaitSpec,
 )
-from .serde import dump_json, load_json
+from .serde import dump_json, is_storable_text, load_json
 from .store import UNAVAILABLE
 
 log = logging.getLogger("flask_durable")
@@ -148,6 +148,10 @@ class Execution:
             raise TypeError(f"a step id must be a non-empty string, not {step_id!r}")
         if len(step_id) > _MAX_STEP_ID:
             raise ValueError(f"step id is longer than {_MAX_STEP_ID} characters")
+        if not is_storable_text(step_id):
+            raise ValueError(
+                f"a step id cannot hold NUL or a lone surrogate: {step_id!r}"
+            )
         with self.lock:
             n = self.counts.get(step_id, 0)
             self.counts[step_id] = n + 1

@@ -169,6 +169,10 @@ class Durable:
         :param id: deduplicates: an event with the same id sent within 24
             hours is ignored.
         :returns: the event id.
+        :raises ValueError: for a bad name or id, data nested deeper than 64
+            levels or holding NUL, a lone surrogate or a non-finite number,
+            or an event over ``DURABLE_MAX_EVENT_SIZE``; nothing is stored.
+        :raises TypeError: for data that is not JSON-serializable.
         """
         return get_lifecycle().send(name, data, id)
 

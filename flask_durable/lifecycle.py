@@ -22,11 +22,10 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flask import Flask, Response, current_app, request, url_for
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import signals
 from .commit import (
@@ -40,7 +39,7 @@ from .config import Config, EndpointOptions
 from .context import _cv_run
 from .durations import to_datetime
 from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
-from .events import EventBus
+from .events import Event, EventBus
 from .execution import Execution, swallowed_error
 from .records import (
     TERMINAL_STATUSES,
@@ -52,7 +51,14 @@ from .records import (
     StepInfo,
     Suspension,
 )
-from .replay import CONTEXT_KEY, REPLAY_KEY, build_environ, capture_request, replay
+from .replay import (
+    CONTEXT_KEY,
+    REPLAY_KEY,
+    build_environ,
+    capture_request,
+    read_body,
+    replay,
+)
 from .responses import (
     cancelled,
     decode_response,
@@ -64,6 +70,7 @@ from .responses import (
     unavailable,
 )
 from .scheduler import Scheduler
+from .serde import safe_text
 from .store import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, open_store
 from .tokens import WaitTokens
 from .waiters import Waiters
@@ -106,7 +113,12 @@ class Lifecycle:
         self.tokens = WaitTokens(config.secret_key or app.secret_key, self.store.secret)
         self.active: dict[str, Execution] = {}
         self.waiters = Waiters()
-        self.events = EventBus(self.store, self._wake)
+        # A delivered event is a step's output: the smaller limit holds.
+        max_event, key = min(
+            (config.max_event_size, "DURABLE_MAX_EVENT_SIZE"),
+            (config.max_step_output, "DURABLE_MAX_STEP_OUTPUT"),
+        )
+        self.events = EventBus(self.store, self._wake, max_event, key)
         self._lock = threading.Lock()
         self._counter = itertools.count()
         self._owner_prefix = ""
@@ -347,7 +359,9 @@ class Lifecycle:
             return unavailable(e.error, ex.id)
         except BaseException as e:
             ex.outcome = "failed"
-            ex.error = f"{type(e).__name__}: {e}"
+            # Stored as text: a lone surrogate or NUL would make the write
+            # fail, and the run be replayed without end.
+            ex.error = safe_text(f"{type(e).__name__}: {e}")
             raise
         finally:
             _cv_run.reset(token)
@@ -371,20 +385,8 @@ class Lifecycle:
         too large, idempotent repeat)."""
         limit = self.config.max_request_body
         environ = request.environ
-        try:
-            if environ.get("CONTENT_LENGTH", "0") in ("", "0") and not (
-                environ.get("HTTP_TRANSFER_ENCODING")
-                or environ.get("wsgi.input_terminated")
-            ):
-                body = b""  # nothing to read (most GETs)
-            else:
-                if (
-                    request.max_content_length is None
-                    or request.max_content_length > limit
-                ):
-                    request.max_content_length = limit
-                body = request.get_data(cache=True)
-        except RequestEntityTooLarge:
+        body = read_body(request, limit)
+        if body is None:
             return json_response(
                 413,
                 error="request body too large",
@@ -654,6 +656,12 @@ class Lifecycle:
         """See :meth:`flask_durable.Durable.send`."""
         self.ensure_schema()
         return self.events.send(name, data, event_id)
+
+    def send_events(self, events: Sequence[Event]) -> list[str]:
+        """Store events checked by :meth:`EventBus.check` (all or none),
+        then deliver them."""
+        self.ensure_schema()
+        return self.events.send_many(events)
 
     # -- reading ---------------------------------------------------------------
 

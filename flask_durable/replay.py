@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.exceptions import InternalServerError
+from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from .responses import encode_response
@@ -23,6 +23,7 @@ from .serde import decode_envelope, encode_envelope
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Request
 
     from .execution import Execution
 
@@ -71,6 +72,28 @@ def capture_request(environ: WSGIEnvironment, body: bytes) -> bytes:
     if isinstance(orig, dict):
         stored.update({k: v for k, v in orig.items() if isinstance(v, str)})
     return encode_envelope({"environ": stored}, body)
+
+
+def read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, read once (the view reads it again from the
+    cache), or ``None`` when it is longer than ``limit`` bytes (or the app's
+    ``MAX_CONTENT_LENGTH``): by its ``Content-Length``, or, for a chunked
+    body, once one byte more than the limit has arrived (Werkzeug would
+    silently cut it at the limit)."""
+    environ = request.environ
+    if environ.get("CONTENT_LENGTH", "0") in ("", "0") and not (
+        environ.get("HTTP_TRANSFER_ENCODING") or environ.get("wsgi.input_terminated")
+    ):
+        return b""  # nothing to read (most GETs)
+    cap = request.max_content_length
+    if cap is None or cap > limit:
+        cap = limit
+    request.max_content_length = cap + 1
+    try:
+        body = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        return None
+    return None if len(body) > cap else body
 
 
 def build_environ(blob: bytes) -> WSGIEnvironment:

@@ -12,13 +12,51 @@ headers and bodies can be added.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
 from flask.json.tag import JSONTag, TaggedJSONSerializer
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
+#: A lone surrogate: no database column can store it as it is (it has no
+#: UTF-8 encoding), and ``ensure_ascii=False`` leaves it raw in JSON text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: What :func:`safe_text` escapes: lone surrogates and NUL (PostgreSQL text
+#: cannot hold NUL).
+_UNSAFE = re.compile("[\ud800-\udfff\x00]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _dumps(value: Any) -> str:
+    """Compact JSON that every database stores: a lone surrogate (only
+    possible inside a JSON string) is written as its ``\\uXXXX`` escape,
+    which loads back to the same character; NUL is escaped by JSON itself."""
+    text = _encode(value)
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub(_escape, text)
+
+
+def is_storable_text(text: str) -> bool:
+    """Whether every database stores ``text`` as it is in a text column
+    (no lone surrogate, no NUL)."""
+    if text.isascii():
+        return "\x00" not in text
+    return _UNSAFE.search(text) is None
+
+
+def safe_text(text: str) -> str:
+    """``text`` as every database can store it in a text column: lone
+    surrogates and NUL become ``\\uXXXX`` escapes (for error messages, which
+    are read by people, not parsed)."""
+    if is_storable_text(text):
+        return text
+    return _UNSAFE.sub(_escape, text)
 
 
 class _TagISODateTime(JSONTag):

@@ -36,7 +36,7 @@ from .records import (
     StepRecord,
     WaitSpec,
 )
-from .serde import dump_json, dump_value, load_value
+from .serde import dump_json, dump_value, is_storable_text, load_value
 
 T = TypeVar("T")
 
@@ -249,9 +249,14 @@ def wait_for_event(
     """
     ctx = get_execution("step.wait_for_event")
     sid = ctx.unique_id(step_id)
-    if not isinstance(event, str) or not event or len(event) > 255:
+    if (
+        not isinstance(event, str)
+        or not 1 <= len(event) <= 255
+        or not is_storable_text(event)
+    ):
         raise ValueError(
-            f"step.wait_for_event({sid!r}): event must be a non-empty name"
+            f"step.wait_for_event({sid!r}): event must be a name of 1 to 255"
+            f" characters, without NUL or a lone surrogate: {event!r}"
         )
     if match is not None and not isinstance(match, Mapping):
         raise TypeError(f"step.wait_for_event({sid!r}): match must be a mapping")

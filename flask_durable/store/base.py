@@ -775,26 +775,63 @@ class Store:
     ) -> bool:
         """Store an event. ``False`` when an event with this id was stored
         within ``dedupe_window`` seconds (a duplicate)."""
-        try:
-            with self.begin() as conn:
-                conn.execute(
-                    events.insert().values(
-                        app_id=self.app_id, id=event_id, name=name, data=data, ts=ts
+        return self.insert_events([(event_id, name, data, ts)], dedupe_window)[0]
+
+    def insert_events(
+        self, rows: Sequence[tuple[str, str, str, float]], dedupe_window: float
+    ) -> list[bool]:
+        """Store events ``(id, name, data, ts)`` in one transaction: all of
+        them or none. For each, ``False`` when an event with its id was
+        stored within ``dedupe_window`` seconds before it (a duplicate, also
+        within ``rows``); an older one is replaced."""
+        ids = list({row[0] for row in rows})
+        attempts = 0
+        while True:
+            try:
+                with self.begin() as conn:
+                    found: dict[str, float] = dict(
+                        conn.execute(
+                            sa.select(events.c.id, events.c.ts).where(
+                                events.c.app_id == self.app_id, events.c.id.in_(ids)
+                            )
+                        ).all()
                     )
-                )
-            return True
-        except IntegrityError:
-            with self.begin() as conn:
-                replaced = conn.execute(
-                    events.update()
-                    .where(
-                        events.c.app_id == self.app_id,
-                        events.c.id == event_id,
-                        events.c.ts < ts - dedupe_window,
-                    )
-                    .values(name=name, data=data, ts=ts)
-                ).rowcount
-            return replaced == 1
+                    stored: list[bool] = []
+                    new: list[dict[str, Any]] = []
+                    for event_id, name, data, ts in rows:
+                        old = found.get(event_id)
+                        fresh = old is None or old < ts - dedupe_window
+                        stored.append(fresh)
+                        if not fresh:
+                            continue
+                        if old is None:
+                            new.append(
+                                {
+                                    "app_id": self.app_id,
+                                    "id": event_id,
+                                    "name": name,
+                                    "data": data,
+                                    "ts": ts,
+                                }
+                            )
+                        else:
+                            conn.execute(
+                                events.update()
+                                .where(
+                                    events.c.app_id == self.app_id,
+                                    events.c.id == event_id,
+                                )
+                                .values(name=name, data=data, ts=ts)
+                            )
+                        found[event_id] = ts
+                    if new:
+                        conn.execute(events.insert(), new)
+                return stored
+            except IntegrityError:
+                # Another process stored one of these ids meanwhile.
+                attempts += 1
+                if attempts == 3:
+                    raise
 
     def waits_for(self, name: str, ts: float) -> list[Any]:
         """Waits on event ``name`` that began no later than ``ts``:

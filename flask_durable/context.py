@@ -51,5 +51,6 @@ def get_execution(what: str) -> Execution:
         raise StepNestingError(
             f"{what} cannot be called inside a step function: steps do not nest."
         )
-    ex.check_not_swallowed(what)
+    if ex.interrupt is not None:
+        ex.check_not_swallowed(what)
     return ex

@@ -111,6 +111,11 @@ class Execution:
         #: Set once the final response is handed to the committer: a lease
         #: the heartbeat finds gone then ended with that write.
         self.finishing = False
+        #: Seconds a lease taken or renewed now may be relied on by this
+        #: process's own clock: two thirds of the lease, so that the
+        #: heartbeat (every third of it) keeps the trust alive, with a margin
+        #: for clocks that differ between hosts.
+        self.lease_trust = config.lease_seconds * (2.0 / 3.0)
         #: Until when (``time.monotonic()``) this process may start a step
         #: without asking the database whether it still holds the lease.
         self.lease_deadline = time.monotonic() + self.lease_trust
@@ -156,14 +161,6 @@ class Execution:
             n = self.counts.get(step_id, 0)
             self.counts[step_id] = n + 1
         return step_id if n == 0 else f"{step_id}:{n}"
-
-    @property
-    def lease_trust(self) -> float:
-        """Seconds a lease taken or renewed now may be relied on by this
-        process's own clock: two thirds of the lease, so that the heartbeat
-        (every third of it) keeps the trust alive, with a margin for clocks
-        that differ between hosts."""
-        return self.config.lease_seconds * (2.0 / 3.0)
 
     def boundary(self) -> None:
         """Stop here if the run was cancelled, passed its deadline, or may
@@ -259,6 +256,9 @@ class Execution:
         self, records: list[StepRecord]
     ) -> tuple[list[StepRecord], list[StepRecord]]:
         stored = self.stored
+        if len(records) == 1:  # the common case: one step
+            rec = records[0]
+            return ([], records) if rec.step_id in stored else (records, [])
         inserts = [r for r in records if r.step_id not in stored]
         updates = [r for r in records if r.step_id in stored]
         return inserts, updates
@@ -280,28 +280,36 @@ class Execution:
                     )
                 else:
                     self.state_size = size
-            self.pending.pop(rec.step_id, None)
+            if self.pending:
+                self.pending.pop(rec.step_id, None)
             # Sleeps that are over go with it (see settle()).
-            records = [*self.settled, rec]
-            self.settled = []
+            if self.settled:
+                records = [*self.settled, rec]
+                self.settled = []
+            else:
+                records = [rec]
             inserts, updates = self._split(records)
             intent = Checkpoint(self.id, self.owner, inserts, updates, self.new_run)
             first = self.new_run is not None
-            started = time.monotonic()
             if first:
-                self.lease_renewed(started)  # the row, and its lease, begin
+                # The row, and its lease, begin with this write.
+                self.lease_renewed(time.monotonic())
+            on_committed = (
+                self._committed_callback(records, first)
+                if first
+                or signals.step_completed.receivers
+                or signals.step_failed.receivers
+                else None
+            )
             try:
-                self.committer.submit(
-                    intent,
-                    self._committed_callback(records, first),
-                    self._lost,
-                )
+                self.committer.submit(intent, on_committed, self._lost)
             except UNAVAILABLE as e:
                 raise self.interrupted(_StoreUnavailable(e)) from e
             if self.cancel_reason == "lost":
                 raise self.interrupted(_LeaseLost(self.id))
             self.new_run = None
-            self.stored.update(r.step_id for r in records)
+            for r in records:
+                self.stored.add(r.step_id)
             self.memo[rec.step_id] = rec
 
     def _committed_callback(
@@ -369,6 +377,8 @@ class Execution:
     ) -> tuple[list[StepRecord], list[StepRecord], list[WaitSpec], list[StepRecord]]:
         """What the run's suspension or final response writes besides
         itself: ``(inserts, updates, waits, all records)``."""
+        if not (self.settled or self.pending or self.pending_waits):
+            return [], [], [], []
         with self.lock:
             records = [*self.settled, *self.pending.values()]
             waits = self.pending_waits

@@ -78,7 +78,7 @@ from .waiters import Waiters
 log = logging.getLogger("flask_durable")
 
 _LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
-_IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
 #: Attribute of a durable view function holding its EndpointOptions.
 OPTIONS_ATTR = "__durable_endpoint__"
 #: How long a run waits before a process that has no handler for it (a
@@ -295,10 +295,11 @@ class Lifecycle:
         kwargs: Any,
     ) -> Any:
         """Run a durable view for a new request or a replay."""
-        try:
-            self.ensure_ready()
-        except UNAVAILABLE as e:
-            return unavailable(e)
+        if self._ready_pid != os.getpid():
+            try:
+                self.ensure_ready()
+            except UNAVAILABLE as e:
+                return unavailable(e)
         environ = request.environ
         ticket: _Ticket | None = environ.get(REPLAY_KEY)
         if ticket is None:
@@ -407,7 +408,7 @@ class Lifecycle:
             owner=self.new_owner(),
             request=capture_request(environ, body),
         )
-        key = request.headers.get(_IDEMPOTENCY_HEADER)
+        key = environ.get(_IDEMPOTENCY_ENVIRON)
         stored = False
         if key is not None:
             if not key or len(key) > 255 or not key.isprintable():

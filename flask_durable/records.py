@@ -118,7 +118,7 @@ class StepRecord:
         return f"<StepRecord {self.step_id!r} {self.status}>"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NewRun:
     """A run whose row is not written yet: it is inserted with its first
     write (checkpoint, suspension or final response)."""
@@ -135,7 +135,7 @@ class NewRun:
     idempotency_expires_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claim:
     """A run this process has just taken the lease of, with what a replay
     needs (no further query)."""
@@ -152,7 +152,7 @@ class Claim:
     claimed_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WaitSpec:
     """A ``step.wait_for_event`` registration."""
 
@@ -164,7 +164,7 @@ class WaitSpec:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinalState:
     """What the wait URL needs of a run."""
 
@@ -306,21 +306,38 @@ class CurrentRun:
     endpoint: str
 
 
-@dataclass(frozen=True, slots=True)
 class CurrentStep:
-    """What :data:`current_step` exposes inside a step function.
+    """What :data:`current_step` exposes inside a step function (read-only).
 
     :ivar id: the step's id in this run (``"fetch"``, ``"fetch:1"``, ...).
     :ivar attempt: 0 on the first attempt, 1 on the first retry, ...
     :ivar run_id: the run's id.
     """
 
-    id: str
-    attempt: int
-    run_id: str
+    __slots__ = ("_id", "_attempt", "_run_id")
+
+    def __init__(self, id: str, attempt: int, run_id: str) -> None:
+        self._id = id
+        self._attempt = attempt
+        self._run_id = run_id
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
 
     @property
     def idempotency_key(self) -> str:
         """Stable for this run and step across retries and crashes: pass it
         to payment and other idempotent APIs."""
-        return f"{self.run_id}:{self.id}"
+        return f"{self._run_id}:{self._id}"
+
+    def __repr__(self) -> str:
+        return f"<CurrentStep {self._id!r} attempt={self._attempt}>"

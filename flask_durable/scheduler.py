@@ -170,6 +170,8 @@ class Scheduler:
             self._submit(run_id)
 
     def notify_finished(self, run_id: str) -> None:
+        if not self._timers:
+            return
         aps = self._aps
         job_id = f"wake:{run_id}"
         with self._lock:

@@ -27,6 +27,8 @@ class Waiters:
                     del self._events[run_id]
 
     def notify(self, run_id: str) -> None:
+        if run_id not in self._events:  # nobody waits here (most runs)
+            return
         with self._lock:
             listeners = list(self._events.get(run_id, ()))
         for event in listeners:

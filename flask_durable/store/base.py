@@ -262,7 +262,8 @@ class Store:
             "response": None,
             "error": None,
         }
-        params.update(state)
+        if state:
+            params.update(state)
         return params
 
     @staticmethod

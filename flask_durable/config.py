@@ -19,6 +19,8 @@ from urllib.parse import unquote, urlsplit
 import sqlalchemy as sa
 from flask import Flask
 
+from .durations import parse_duration
+
 #: Every configuration key and its default.
 DEFAULTS: dict[str, Any] = {
     "DURABLE_DATABASE_URI": None,
@@ -48,6 +50,12 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_MAX_RUN_STATE": 32 * 1024 * 1024,
     "DURABLE_MAX_REQUEST_BODY": 1024 * 1024,
     "DURABLE_MAX_EVENT_SIZE": 1024 * 1024,
+    "DURABLE_SECRET_KEY_FALLBACKS": [],
+    "DURABLE_SENSITIVE_HEADERS": [],
+    "DURABLE_REPLAY_HEADERS": None,
+    "DURABLE_ENCRYPT_PAYLOADS": False,
+    "DURABLE_RETENTION": "7d",
+    "DURABLE_WAIT_TOKEN_TTL": None,
 }
 
 _PREFIX = "DURABLE_"
@@ -92,6 +100,15 @@ class Config:
     max_run_state: int
     max_request_body: int
     max_event_size: int
+    secret_key_fallbacks: tuple[str | bytes, ...]
+    sensitive_headers: frozenset[str]
+    replay_headers: frozenset[str] | None
+    encrypt_payloads: bool
+    #: Seconds a terminal run is kept (``None``: for ever).
+    retention: float | None
+    #: Seconds a wait token is valid (the retention when not set; ``None``:
+    #: for ever).
+    wait_token_ttl: float | None
 
     @classmethod
     def from_app(cls, app: Flask) -> Config:
@@ -140,6 +157,15 @@ class Config:
             max_run_state=_int(config, "DURABLE_MAX_RUN_STATE", 1),
             max_request_body=_int(config, "DURABLE_MAX_REQUEST_BODY", 0),
             max_event_size=_int(config, "DURABLE_MAX_EVENT_SIZE", 1),
+            secret_key_fallbacks=_fallbacks(config),
+            sensitive_headers=_header_names(config, "DURABLE_SENSITIVE_HEADERS")
+            or frozenset(),
+            replay_headers=_header_names(config, "DURABLE_REPLAY_HEADERS"),
+            encrypt_payloads=_bool(config, "DURABLE_ENCRYPT_PAYLOADS"),
+            retention=_optional_duration(config, "DURABLE_RETENTION"),
+            wait_token_ttl=_optional_duration(config, "DURABLE_WAIT_TOKEN_TTL")
+            if config["DURABLE_WAIT_TOKEN_TTL"] is not None
+            else _optional_duration(config, "DURABLE_RETENTION"),
             # Last, so that a bad value elsewhere creates no instance folder.
             database_uri=_database_uri(app),
         )
@@ -244,6 +270,48 @@ def _secret_key(config: Mapping[str, Any]) -> str | bytes | None:
     if value is not None and (not isinstance(value, (str, bytes)) or not value):
         raise _bad("DURABLE_SECRET_KEY", "None or a non-empty str or bytes", value)
     return value
+
+
+def _fallbacks(config: Mapping[str, Any]) -> tuple[str | bytes, ...]:
+    value = config["DURABLE_SECRET_KEY_FALLBACKS"]
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise _bad("DURABLE_SECRET_KEY_FALLBACKS", "a list of str or bytes keys", value)
+    for key in value:
+        if not isinstance(key, (str, bytes)) or not key:
+            raise _bad(
+                "DURABLE_SECRET_KEY_FALLBACKS", "a list of non-empty keys", value
+            )
+    return tuple(value)
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_names(config: Mapping[str, Any], key: str) -> frozenset[str] | None:
+    """A list of HTTP header names, lower-cased (``None`` stays ``None``)."""
+    value = config[key]
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        raise _bad(key, "a list of header names", value)
+    for name in value:
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            raise _bad(key, "a list of header names", value)
+    return frozenset(name.lower() for name in value)
+
+
+def _optional_duration(config: Mapping[str, Any], key: str) -> float | None:
+    """A duration (``"7d"``, seconds, ``timedelta``) or ``None`` (for ever)."""
+    value = config[key]
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except (TypeError, ValueError) as e:
+        raise _bad(key, f"None or a duration ({e})", value) from None
+    if seconds <= 0:
+        raise _bad(key, "None or a duration > 0", value)
+    return seconds
 
 
 def _engine_options(config: Mapping[str, Any]) -> Mapping[str, Any]:

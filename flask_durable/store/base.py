@@ -10,6 +10,7 @@ statements that differ.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -118,16 +119,40 @@ class Store:
     def _notify(self, conn: Connection, channel: str, payload: str) -> None:
         """Queue a notification sent when ``conn`` commits (if supported)."""
 
+    #: Name of the store's background thread (``None``: it has none).
+    thread_name: str | None = None
+
     def start_threads(self, on_notify: Callable[[str, str], None]) -> None:
         """Start the store's own background thread, once per process:
         PostgreSQL calls ``on_notify(channel, run_id)`` for runs finished
         or woken by other processes; SQLite checkpoints its WAL."""
+        if self.thread_name is None:
+            return
+        self._thread_stop = threading.Event()
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._background,
+            args=(on_notify, self._thread_stop),
+            name=self.thread_name,
+            daemon=True,
+        )
+        self._thread.start()
 
     def stop_threads(self) -> None:
         """Stop what :meth:`start_threads` started."""
+        thread = getattr(self, "_thread", None)
+        self._thread = None
+        if thread is not None:
+            self._thread_stop.set()
+            thread.join(5)
 
     def forget_threads(self) -> None:
         """After ``fork()``: the parent's threads do not exist here."""
+        self._thread = None
+
+    def _background(
+        self, on_notify: Callable[[str, str], None], stop: threading.Event
+    ) -> None:
+        """The body of the background thread, until ``stop`` is set."""
 
     # -- SQL built once -------------------------------------------------------
 
@@ -909,6 +934,38 @@ class Store:
                     events.c.app_id == self.app_id, events.c.ts < older_than
                 )
             ).rowcount
+
+    def prune(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` terminal runs of this app finished before
+        ``before``, with their steps and waits, in one transaction; returns
+        how many runs were deleted.
+
+        No index serves this: run ids begin with their creation time in ms
+        (a run finished before ``before`` was created before it), so the
+        primary key range ``id < hex(before)`` bounds the scan.
+        """
+        bound = f"{max(int(before * 1000), 0):012x}"
+        with self.begin() as conn:
+            ids = list(
+                conn.execute(
+                    sa.select(runs.c.id)
+                    .where(
+                        runs.c.id < bound,
+                        runs.c.app_id == self.app_id,
+                        runs.c.due_at.is_(None),
+                        runs.c.finished_at < before,
+                    )
+                    .order_by(runs.c.id)
+                    .limit(limit)
+                    # Two processes pruning at once take different runs.
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not ids:
+                return 0
+            conn.execute(steps.delete().where(steps.c.run_id.in_(ids)))
+            conn.execute(waits.delete().where(waits.c.run_id.in_(ids)))
+            return int(conn.execute(runs.delete().where(runs.c.id.in_(ids))).rowcount)
 
     # -- connections and schema -----------------------------------------------
 

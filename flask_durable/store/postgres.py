@@ -40,8 +40,6 @@ class PostgresStore(Store):
         options.setdefault("pool_size", 10)
         options.setdefault("max_overflow", 20)
         engine = sa.create_engine(url, **options)
-        self._listener: threading.Thread | None = None
-        self._listener_stop = threading.Event()
         super().__init__(engine, app_id, lease_seconds)
 
     def _sql(self, text: str) -> str:
@@ -158,24 +156,12 @@ class PostgresStore(Store):
 
     # -- LISTEN ------------------------------------------------------------------
 
-    def start_threads(self, on_notify: Callable[[str, str], None]) -> None:
-        self._listener_stop = threading.Event()
-        self._listener = threading.Thread(
-            target=self._listen,
-            args=(on_notify, self._listener_stop),
-            name="durable-listener",
-            daemon=True,
-        )
-        self._listener.start()
+    thread_name = "durable-listener"
 
-    def stop_threads(self) -> None:
-        thread, self._listener = self._listener, None
-        if thread is not None:
-            self._listener_stop.set()
-            thread.join(5)
-
-    def forget_threads(self) -> None:
-        self._listener = None
+    def _background(
+        self, on_notify: Callable[[str, str], None], stop: threading.Event
+    ) -> None:
+        self._listen(on_notify, stop)
 
     def _listen(
         self,

@@ -64,8 +64,6 @@ class SQLiteStore(Store):
         self._lock = threading.RLock()
         self._writer: Any = None
         self._path = url.database or ""
-        self._checkpointer: threading.Thread | None = None
-        self._checkpointer_stop = threading.Event()
         super().__init__(engine, app_id, lease_seconds)
 
     @staticmethod
@@ -175,24 +173,12 @@ class SQLiteStore(Store):
 
     # -- the WAL checkpoint thread ---------------------------------------------
 
-    def start_threads(self, on_notify: Callable[[str, str], None]) -> None:
-        self._checkpointer_stop = threading.Event()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_loop,
-            args=(self._checkpointer_stop,),
-            name="durable-wal-checkpoint",
-            daemon=True,
-        )
-        self._checkpointer.start()
+    thread_name = "durable-wal-checkpoint"
 
-    def stop_threads(self) -> None:
-        thread, self._checkpointer = self._checkpointer, None
-        if thread is not None:
-            self._checkpointer_stop.set()
-            thread.join(5)
-
-    def forget_threads(self) -> None:
-        self._checkpointer = None
+    def _background(
+        self, on_notify: Callable[[str, str], None], stop: threading.Event
+    ) -> None:
+        self._checkpoint_loop(stop)
 
     def _checkpoint_loop(self, stop: threading.Event) -> None:
         # A connection of its own, outside the pool: the pool's size is the

@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_ENCRYPT_PAYLOADS": False,
     "DURABLE_RETENTION": "7d",
     "DURABLE_WAIT_TOKEN_TTL": None,
+    "DURABLE_MAX_HELD_WAITS": 4,
 }
 
 _PREFIX = "DURABLE_"
@@ -109,6 +110,8 @@ class Config:
     #: Seconds a wait token is valid (the retention when not set; ``None``:
     #: for ever).
     wait_token_ttl: float | None
+    #: Wait requests that may long-poll at once in one process.
+    max_held_waits: int
 
     @classmethod
     def from_app(cls, app: Flask) -> Config:
@@ -166,6 +169,7 @@ class Config:
             wait_token_ttl=_optional_duration(config, "DURABLE_WAIT_TOKEN_TTL")
             if config["DURABLE_WAIT_TOKEN_TTL"] is not None
             else _optional_duration(config, "DURABLE_RETENTION"),
+            max_held_waits=_int(config, "DURABLE_MAX_HELD_WAITS", 0),
             # Last, so that a bad value elsewhere creates no instance folder.
             database_uri=_database_uri(app),
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .crypto import EVENT_CONTEXT, STEP_CONTEXT, Cipher, is_sealed_text
 from .records import WaitSpec
 from .serde import dump_json, dump_value, is_storable_text, load_json
 from .store import Store
@@ -54,6 +55,8 @@ class EventBus:
     :param wake: resumes a run whose wait an event completed.
     :param max_size: the largest event (UTF-8 JSON bytes, as delivered).
     :param max_size_key: the setting ``max_size`` comes from (for errors).
+    :param cipher: opens sealed event data; with ``seal`` also seals the
+        data stored and the outputs delivered (``DURABLE_ENCRYPT_PAYLOADS``).
     """
 
     def __init__(
@@ -62,9 +65,13 @@ class EventBus:
         wake: Callable[[str], None],
         max_size: int,
         max_size_key: str = "DURABLE_MAX_EVENT_SIZE",
+        cipher: Cipher | None = None,
+        seal: bool = False,
     ) -> None:
         self.store = store
         self.wake = wake
+        self.cipher = cipher
+        self.seal = seal and cipher is not None
         self.max_size = max_size
         self.max_size_key = max_size_key
 
@@ -116,7 +123,10 @@ class EventBus:
 
         :returns: the event ids.
         """
-        rows = [(e.id, e.name, e.data_text, e.ts) for e in events]
+        rows = [
+            (e.id, e.name, self._sealed(e.data_text, EVENT_CONTEXT), e.ts)
+            for e in events
+        ]
         stored = self.store.insert_events(rows, DEDUPE_SECONDS)
         for event, new in zip(events, stored, strict=True):
             if not new:
@@ -127,7 +137,18 @@ class EventBus:
                     self._deliver(wait.run_id, wait.step_id, event.output)
         return [e.id for e in events]
 
+    def _sealed(self, text: str, context: bytes) -> str:
+        if self.seal and self.cipher is not None:
+            return self.cipher.encrypt_text(text, context)
+        return text
+
+    def _data(self, text: str) -> Any:
+        if is_sealed_text(text) and self.cipher is not None:
+            text = self.cipher.decrypt_text(text, EVENT_CONTEXT)
+        return load_json(text)
+
     def _deliver(self, run_id: str, step_id: str, output: str) -> None:
+        output = self._sealed(output, STEP_CONTEXT)
         if self.store.deliver(run_id, step_id, output):
             self.wake(run_id)
 
@@ -135,7 +156,7 @@ class EventBus:
         """Deliver an event that arrived while the wait was being stored."""
         match = load_json(wait.match)
         for row in self.store.events_since(wait.event, wait.since, time.time() + 1):
-            event = _as_dict(row.name, load_json(row.data), row.id, row.ts)
+            event = _as_dict(row.name, self._data(row.data), row.id, row.ts)
             if matches(match, event):
                 self._deliver(run_id, wait.step_id, dump_value(event))
                 return

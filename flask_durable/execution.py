@@ -20,6 +20,7 @@ from typing import Any
 from . import signals
 from .commit import Committer
 from .config import Config
+from .crypto import STEP_CONTEXT, Cipher, DecryptionError, is_sealed_text
 from .errors import StepError, _Cancelled, _Interrupt, _LeaseLost, _StoreUnavailable
 from .records import (
     STEP_COMPLETED,
@@ -31,7 +32,7 @@ from .records import (
     StepRecord,
     WaitSpec,
 )
-from .serde import dump_json, is_storable_text, load_json
+from .serde import dump_json, is_storable_text, load_json, load_value
 from .store import UNAVAILABLE
 
 log = logging.getLogger("flask_durable")
@@ -66,6 +67,8 @@ class Execution:
         config: Config,
         renew: Callable[[str, str], bool],
         sender: Any,
+        cipher: Cipher | None = None,
+        seal_outputs: bool = False,
     ) -> None:
         self.id = run_id
         self.endpoint = endpoint
@@ -79,6 +82,10 @@ class Execution:
         self._renew = renew
         #: The sender of signals (the Flask app).
         self.sender = sender
+        #: Opens sealed step outputs; seals new ones with ``seal_outputs``
+        #: (``DURABLE_ENCRYPT_PAYLOADS``).
+        self.cipher = cipher
+        self.seal_outputs = seal_outputs and cipher is not None
         is_replay = new_run is None and attempt > 0
         self.public = CurrentRun(run_id, attempt, is_replay, endpoint)
         self.memo = {r.step_id: r for r in records}
@@ -121,6 +128,26 @@ class Execution:
         self.lease_deadline = time.monotonic() + self.lease_trust
         #: Called once the run's row is first committed (``run_started``).
         self.on_stored: Callable[[], None] | None = None
+
+    def stored_output(self, text: str) -> str:
+        """A step output as it is stored: sealed with
+        ``DURABLE_ENCRYPT_PAYLOADS``."""
+        if self.seal_outputs and self.cipher is not None:
+            return self.cipher.encrypt_text(text, STEP_CONTEXT)
+        return text
+
+    def load_output(self, text: str | None) -> Any:
+        """The value of a stored step output (decrypted if it was sealed).
+
+        :raises DecryptionError: no key opens it.
+        """
+        if text is None:
+            return None
+        if is_sealed_text(text):
+            if self.cipher is None:
+                raise DecryptionError("step output is encrypted and no key was given")
+            text = self.cipher.decrypt_text(text, STEP_CONTEXT)
+        return load_value(text)
 
     def __repr__(self) -> str:
         return f"<Execution {self.id} attempt={self.attempt}>"

@@ -12,8 +12,10 @@ it. ``docs/internals.rst`` draws the states.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -25,7 +27,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flask import Flask, Response, current_app, request, url_for
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    has_request_context,
+    request,
+    url_for,
+)
 
 from . import signals
 from .commit import (
@@ -37,6 +46,7 @@ from .commit import (
 )
 from .config import Config, EndpointOptions
 from .context import _cv_run
+from .crypto import STEP_CONTEXT, Cipher, DecryptionError, is_sealed_text
 from .durations import to_datetime
 from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
 from .events import Event, EventBus
@@ -54,10 +64,13 @@ from .records import (
 from .replay import (
     CONTEXT_KEY,
     REPLAY_KEY,
+    StoragePolicy,
     build_environ,
     capture_request,
+    open_blob,
     read_body,
     replay,
+    seal_blob,
 )
 from .responses import (
     cancelled,
@@ -79,6 +92,11 @@ log = logging.getLogger("flask_durable")
 
 _LIFECYCLES: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 _IDEMPOTENCY_ENVIRON = "HTTP_IDEMPOTENCY_KEY"
+#: The request headers an Idempotency-Key is scoped to, when present.
+_CALLER_HEADERS = ("Authorization", "Cookie")
+#: Between a caller's fingerprint and its key in ``idempotency_key`` (keys
+#: are printable, so a caller's keys never meet the anonymous ones).
+_SCOPE_SEPARATOR = "\x1f"
 #: Attribute of a durable view function holding its EndpointOptions.
 OPTIONS_ATTR = "__durable_endpoint__"
 #: How long a run waits before a process that has no handler for it (a
@@ -110,7 +128,27 @@ class Lifecycle:
         self.app = app
         self.config = config
         self.store = open_store(config)
-        self.tokens = WaitTokens(config.secret_key or app.secret_key, self.store.secret)
+        fallbacks = list(config.secret_key_fallbacks)
+        if config.secret_key is None:  # Flask's own old keys go with SECRET_KEY
+            fallbacks[:0] = app.config.get("SECRET_KEY_FALLBACKS") or []
+        self.tokens = WaitTokens(
+            config.secret_key or app.secret_key,
+            self.store.secret,
+            fallbacks,
+            config.wait_token_ttl,
+        )
+        #: Encrypts credentials (and payloads) at rest; no work until used.
+        self.cipher = Cipher(
+            config.secret_key or app.secret_key, fallbacks, self.store.secret
+        )
+        self.storage = StoragePolicy(
+            self.cipher,
+            config.sensitive_headers,
+            config.replay_headers,
+            config.encrypt_payloads,
+        )
+        #: Wait requests that may long-poll at once in this process.
+        self.held_waits = threading.BoundedSemaphore(config.max_held_waits)
         self.active: dict[str, Execution] = {}
         self.waiters = Waiters()
         # A delivered event is a step's output: the smaller limit holds.
@@ -118,8 +156,16 @@ class Lifecycle:
             (config.max_event_size, "DURABLE_MAX_EVENT_SIZE"),
             (config.max_step_output, "DURABLE_MAX_STEP_OUTPUT"),
         )
-        self.events = EventBus(self.store, self._wake, max_event, key)
+        self.events = EventBus(
+            self.store,
+            self._wake,
+            max_event,
+            key,
+            self.cipher,
+            config.encrypt_payloads,
+        )
         self._lock = threading.Lock()
+        self._idempotency_keys: tuple[bytes, ...] | None = None
         self._counter = itertools.count()
         self._owner_prefix = ""
         self._ready_pid: int | None = None
@@ -277,7 +323,10 @@ class Lifecycle:
     # -- tokens --------------------------------------------------------------
 
     def wait_url(self, run_id: str) -> str:
-        return url_for("durable.wait", token=self.tokens.sign(run_id))
+        """The run's wait URL, bound to the credentials of the current
+        request (``Authorization``, ``Cookie``) when it carries any."""
+        headers = request.headers if has_request_context() else None
+        return url_for("durable.wait", token=self.tokens.sign(run_id, headers))
 
     def go_wait(self, run_id: str, status: str) -> Response:
         """``303`` (or ``202``) to the run's wait URL."""
@@ -378,6 +427,8 @@ class Lifecycle:
             config=config,
             renew=self.store.renew_one,
             sender=self.app,
+            cipher=self.cipher,
+            seal_outputs=config.encrypt_payloads,
             **fields,
         )
 
@@ -406,7 +457,7 @@ class Lifecycle:
             created_at=now,
             deadline=None if timeout is None else now + timeout,
             owner=self.new_owner(),
-            request=capture_request(environ, body),
+            request=capture_request(environ, body, self.storage),
         )
         key = environ.get(_IDEMPOTENCY_ENVIRON)
         stored = False
@@ -424,17 +475,18 @@ class Lifecycle:
                 digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
             digest.update(body)
             request_hash = digest.hexdigest()
+            scoped = self._scoped_keys(key)
             run = dataclasses.replace(
                 run,
-                idempotency_key=key,
+                idempotency_key=scoped[0],
                 request_hash=request_hash,
                 idempotency_expires_at=now + self.config.idempotency_ttl,
             )
-            repeat = self._idempotent_repeat(endpoint, key, request_hash, now)
+            repeat = self._idempotent_repeat(endpoint, scoped, request_hash, now)
             if repeat is not None:
                 return repeat
             if not self.store.try_insert_idempotent_run(run):
-                repeat = self._idempotent_repeat(endpoint, key, request_hash, now)
+                repeat = self._idempotent_repeat(endpoint, scoped, request_hash, now)
                 if repeat is not None:
                     return repeat
                 return json_response(409, error="Idempotency-Key is in use; retry")
@@ -459,10 +511,55 @@ class Lifecycle:
         if signals.run_started.receivers:
             signals.run_started.send(self.app, run_id=run_id, endpoint=endpoint)
 
+    def _caller_keys(self) -> tuple[bytes, ...]:
+        """The keys of caller fingerprints, newest first: the secret key
+        (``DURABLE_SECRET_KEY``, else ``SECRET_KEY``, else the database's
+        secret), then the fallbacks, newest first."""
+        keys = self._idempotency_keys
+        if keys is None:
+            config = self.config
+            fallbacks = list(config.secret_key_fallbacks)
+            if config.secret_key is None:
+                fallbacks[:0] = self.app.config.get("SECRET_KEY_FALLBACKS") or []
+            secret = config.secret_key or self.app.secret_key or self.store.secret()
+            keys = self._idempotency_keys = tuple(
+                k.encode() if isinstance(k, str) else k
+                for k in reversed([*fallbacks, secret])
+            )
+        return keys
+
+    def _scoped_keys(self, key: str) -> list[str]:
+        """What ``idempotency_key`` holds for ``key`` sent with this
+        request: ``key`` itself without credentials (the anonymous scope,
+        also that of keys stored before scopes existed), else
+        ``<fingerprint>\\x1f<key>``, the fingerprint a keyed hash of the
+        ``Authorization`` and ``Cookie`` headers. One value per secret key,
+        the current one first (a key stays found across a rotation)."""
+        values = [(name, request.headers.get(name)) for name in _CALLER_HEADERS]
+        if all(value is None for _, value in values):
+            return [key]
+        message = b"flask-durable.idempotency-caller"
+        for name, value in values:
+            if value is not None:
+                message += b"\0" + name.encode() + b"\0"
+                message += value.encode("utf-8", "surrogatepass")
+        if len(key) > 255 - 17:
+            key = "#" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        scoped = []
+        for secret in self._caller_keys():
+            digest = hmac.new(secret, message, hashlib.sha256).digest()[:12]
+            fingerprint = base64.urlsafe_b64encode(digest).decode("ascii")
+            scoped.append(f"{fingerprint}{_SCOPE_SEPARATOR}{key}")
+        return scoped
+
     def _idempotent_repeat(
-        self, endpoint: str, key: str, request_hash: str, now: float
+        self, endpoint: str, keys: Sequence[str], request_hash: str, now: float
     ) -> Response | None:
-        found = self.store.find_idempotent(endpoint, key)
+        found = None
+        for key in keys:
+            found = self.store.find_idempotent(endpoint, key)
+            if found is not None:
+                break
         if found is None or (found.idempotency_expires_at or 0) < now:
             return None
         if found.request_hash != request_hash:
@@ -473,7 +570,7 @@ class Lifecycle:
                 run_id=found.id,
             )
         if found.status in TERMINAL_STATUSES and found.response is not None:
-            return stored_response(found.response)
+            return stored_response(self.open_stored(found.response))
         return self.go_wait(found.id, found.status)
 
     # -- state changes ---------------------------------------------------------
@@ -536,6 +633,8 @@ class Lifecycle:
     def finish(self, ex: Execution, response: bytes) -> None:
         """Store a run's final response (called by the capture middleware)."""
         status = ex.outcome or "failed"
+        if self.storage.payloads:
+            response = seal_blob(self.cipher, response)
         inserts, updates, _, records = ex.take_pending()
         first = ex.new_run is not None
         intent = Finish(
@@ -572,10 +671,31 @@ class Lifecycle:
             self.active.pop(ex.id, None)
             log.warning("run %s: final response not stored: %s", ex.id, e)
 
-    def finish_detached(self, claim: Claim, status: str, response: bytes) -> None:
+    def finish_detached(
+        self, claim: Claim, status: str, response: bytes, error: str | None = None
+    ) -> None:
         """Finish a claimed run without executing its view."""
-        if self.store.write(Finish(claim.id, claim.owner, status, response, None)):
-            self._finished(claim.id, claim.endpoint, status, None)
+        if self.storage.payloads:
+            response = seal_blob(self.cipher, response)
+        if self.store.write(Finish(claim.id, claim.owner, status, response, error)):
+            self._finished(claim.id, claim.endpoint, status, error)
+
+    def open_stored(self, blob: bytes) -> bytes:
+        """A stored request or response, decrypted if it was encrypted.
+
+        :raises DecryptionError: no key opens it.
+        """
+        return open_blob(self.cipher, blob)
+
+    def _undecryptable(self, claim: Claim, error: DecryptionError) -> None:
+        """A run whose stored request no key decrypts: it fails, once."""
+        text = (
+            f"DecryptionError: the stored request cannot be decrypted ({error});"
+            " set DURABLE_SECRET_KEY_FALLBACKS to the key it was stored with"
+        )
+        log.error("run %s: %s", claim.id, text)
+        response = json_response(500, claim.id, error=text, run_id=claim.id)
+        self.finish_detached(claim, "failed", encode_flask_response(response), text)
 
     def _finished(
         self, run_id: str, endpoint: str, status: str, error: str | None
@@ -606,7 +726,11 @@ class Lifecycle:
             )
             return
         ticket = _Ticket(claim)
-        environ = build_environ(claim.request)
+        try:
+            environ = build_environ(claim.request, self.cipher)
+        except DecryptionError as e:
+            self._undecryptable(claim, e)
+            return
         environ[REPLAY_KEY] = ticket
         try:
             status, headers, body = replay(self.app, environ)
@@ -673,10 +797,14 @@ class Lifecycle:
         row = self.store.get_run(run_id)
         if row is None:
             return None
-        steps = [StepInfo.from_record(r) for r in self.store.load_steps(run_id)]
+        records = self.store.load_steps(run_id)
+        for rec in records:
+            if is_sealed_text(rec.output):
+                rec.output = self.cipher.decrypt_text(rec.output or "", STEP_CONTEXT)
+        steps = [StepInfo.from_record(r) for r in records]
         response = None
         if row.response is not None:
-            status, headers, body = decode_response(row.response)
+            status, headers, body = decode_response(self.open_stored(row.response))
             response = (int(status.split(" ", 1)[0]), headers, body)
         return RunInfo(
             id=row.id,

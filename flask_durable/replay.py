@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.exceptions import InternalServerError, RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from .crypto import Cipher, DecryptionError
 from .responses import encode_response
 from .serde import decode_envelope, encode_envelope
 
@@ -58,20 +60,109 @@ _PROXY_ORIG = "werkzeug.proxy_fix.orig"
 _DROP = ("HTTP_TRANSFER_ENCODING", "HTTP_CONTENT_LENGTH", "CONTENT_LENGTH")
 
 
-def capture_request(environ: WSGIEnvironment, body: bytes) -> bytes:
-    """Serialize what is needed to replay this request, with its raw body."""
+#: Request headers whose values are always stored encrypted.
+ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
+#: Marks a whole stored envelope (request or response) sealed by a
+#: :class:`~flask_durable.crypto.Cipher`; a plain envelope starts with ``{``.
+_SEALED = b"!"
+_ENVELOPE_CONTEXT = b"flask-durable.envelope"
+
+
+def _environ_keys(names: Collection[str]) -> frozenset[str]:
+    return frozenset("HTTP_" + n.upper().replace("-", "_") for n in names)
+
+
+@dataclass(frozen=True)
+class StoragePolicy:
+    """How a request is stored: which headers at all, which ones encrypted,
+    and whether the whole stored request is encrypted.
+
+    :param cipher: seals values (derives its key on first use only).
+    :param sensitive: header names (lower-case) stored encrypted, besides
+        :data:`ALWAYS_SENSITIVE`.
+    :param allowed: header names (lower-case) stored at all, or ``None`` for
+        every header; ``Host`` is always kept (the request line needs it).
+    :param payloads: also encrypt bodies (``DURABLE_ENCRYPT_PAYLOADS``).
+    """
+
+    cipher: Cipher
+    sensitive: frozenset[str] = frozenset()
+    allowed: frozenset[str] | None = None
+    payloads: bool = False
+    #: The environ keys of the headers above (computed once).
+    sensitive_keys: frozenset[str] = field(init=False)
+    allowed_keys: frozenset[str] | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = _environ_keys(ALWAYS_SENSITIVE | self.sensitive)
+        object.__setattr__(self, "sensitive_keys", keys)
+        allowed = self.allowed
+        keys_or_none = None if allowed is None else _environ_keys(allowed | {"host"})
+        object.__setattr__(self, "allowed_keys", keys_or_none)
+
+
+def seal_blob(cipher: Cipher, blob: bytes) -> bytes:
+    """A stored envelope, encrypted as a whole."""
+    return _SEALED + cipher.encrypt(blob, _ENVELOPE_CONTEXT)
+
+
+def open_blob(cipher: Cipher | None, blob: bytes) -> bytes:
+    """What :func:`seal_blob` sealed; a plain envelope as it is.
+
+    :raises DecryptionError: no key opens it.
+    """
+    blob = bytes(blob)
+    if blob[:1] != _SEALED:
+        return blob
+    if cipher is None:
+        raise DecryptionError("stored value is encrypted and no key was given")
+    return cipher.decrypt(blob[1:], _ENVELOPE_CONTEXT)
+
+
+def capture_request(
+    environ: WSGIEnvironment, body: bytes, policy: StoragePolicy | None = None
+) -> bytes:
+    """Serialize what is needed to replay this request, with its raw body.
+
+    With a ``policy``, credentials are stored encrypted (their values only,
+    listed under ``"sealed"``) and headers not allowed are left out."""
     stored: dict[str, Any] = {}
     for key in _ENVIRON_KEYS:
         value = environ.get(key)
         if value is not None:
             stored[key] = value
+    sensitive = allowed = None
+    if policy is not None:
+        sensitive = policy.sensitive_keys
+        allowed = policy.allowed_keys
+    sealed: list[str] = []
     for key, value in environ.items():
         if key.startswith("HTTP_") and key not in _DROP and isinstance(value, str):
+            if allowed is not None and key not in allowed:
+                continue
+            if sensitive is not None and key in sensitive:
+                assert policy is not None
+                value = policy.cipher.encrypt_text(value, key.encode("ascii"))
+                sealed.append(key)
             stored[key] = value
     orig = environ.get(_PROXY_ORIG)
     if isinstance(orig, dict):
-        stored.update({k: v for k, v in orig.items() if isinstance(v, str)})
-    return encode_envelope({"environ": stored}, body)
+        stored.update(
+            {
+                k: v
+                for k, v in orig.items()
+                if isinstance(v, str)
+                and k not in sealed
+                and (allowed is None or not k.startswith("HTTP_") or k in allowed)
+            }
+        )
+    meta: dict[str, Any] = {"environ": stored}
+    if sealed:
+        meta["sealed"] = sealed
+    blob = encode_envelope(meta, body)
+    if policy is not None and policy.payloads:
+        blob = seal_blob(policy.cipher, blob)
+    return blob
 
 
 def read_body(request: Request, limit: int) -> bytes | None:
@@ -96,10 +187,18 @@ def read_body(request: Request, limit: int) -> bytes | None:
     return None if len(body) > cap else body
 
 
-def build_environ(blob: bytes) -> WSGIEnvironment:
-    """Rebuild a WSGI environ from :func:`capture_request`'s output."""
-    meta, body = decode_envelope(blob)
+def build_environ(blob: bytes, cipher: Cipher | None = None) -> WSGIEnvironment:
+    """Rebuild a WSGI environ from :func:`capture_request`'s output,
+    credentials decrypted.
+
+    :raises DecryptionError: what was stored encrypted cannot be decrypted.
+    """
+    meta, body = decode_envelope(open_blob(cipher, blob))
     stored: dict[str, str] = meta["environ"]
+    for key in meta.get("sealed", ()):
+        if cipher is None:
+            raise DecryptionError("stored request is encrypted and no key was given")
+        stored[key] = cipher.decrypt_text(stored[key], key.encode("ascii"))
     builder = EnvironBuilder(
         method=stored.get("REQUEST_METHOD", "GET"),
         base_url=f"{stored.get('wsgi.url_scheme', 'http')}://localhost/",

@@ -8,7 +8,8 @@ The database is the queue. APScheduler (3.11, memory job store only) keeps:
 * *wake timers*: date jobs for runs due soon, the fast path;
 * one *heartbeat* job that renews the leases of runs executing here and
   picks up cancellations requested from other processes;
-* an hourly *housekeeping* job.
+* a *housekeeping* job every few minutes: forgets old events and deletes
+  terminal runs older than ``DURABLE_RETENTION``, in small batches.
 
 Claimed runs are replayed on a bounded thread pool; the sweeper claims no
 more runs than the pool has free threads. Nothing here builds requests or
@@ -37,6 +38,14 @@ log = logging.getLogger("flask_durable")
 
 #: Events are kept this long (they deduplicate for 24 hours).
 _EVENT_RETENTION = 2 * 86400.0
+#: How often housekeeping runs (seconds).
+_HOUSEKEEPING_INTERVAL = 300.0
+#: Runs deleted per transaction, the pause between two batches (seconds),
+#: and the most batches of one housekeeping pass (the rest waits for the
+#: next pass): pruning never holds the database for long.
+_PRUNE_BATCH = 500
+_PRUNE_PAUSE = 0.05
+_PRUNE_MAX_BATCHES = 20
 
 
 class Scheduler:
@@ -117,7 +126,7 @@ class Scheduler:
             aps.add_job(
                 self.housekeeping,
                 "interval",
-                hours=1,
+                seconds=_HOUSEKEEPING_INTERVAL,
                 id="durable-housekeeping",
                 next_run_time=now,
             )
@@ -304,7 +313,36 @@ class Scheduler:
                     ctx.request_cancel()
 
     def housekeeping(self) -> None:
+        """Forget old events; delete terminal runs older than the
+        retention (``DURABLE_RETENTION``), a bounded number per pass."""
         try:
             self.store.purge_events(time.time() - _EVENT_RETENTION)
         except Exception:
             log.exception("durable housekeeping failed")
+        self.prune()
+
+    def prune(
+        self,
+        batch: int = _PRUNE_BATCH,
+        max_batches: int = _PRUNE_MAX_BATCHES,
+        pause: float = _PRUNE_PAUSE,
+    ) -> int:
+        """Delete terminal runs finished longer than the retention ago, in
+        batches of ``batch`` runs (one transaction each, ``pause`` seconds
+        apart), at most ``max_batches`` batches; returns how many runs were
+        deleted. Nothing is deleted when the retention is ``None``."""
+        retention = self.config.retention
+        if retention is None:
+            return 0
+        deleted = 0
+        try:
+            for i in range(max_batches):
+                if i:
+                    time.sleep(pause)
+                n = self.store.prune(time.time() - retention, batch)
+                deleted += n
+                if n < batch:
+                    break
+        except Exception:
+            log.exception("durable retention pass failed; retrying later")
+        return deleted

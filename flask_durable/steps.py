@@ -74,7 +74,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     rec = ctx.memo.get(sid)
     if rec is not None:
         if rec.status == STEP_COMPLETED:
-            return load_value(rec.output or "null")
+            return ctx.load_output(rec.output)
         if rec.status == STEP_FAILED:
             raise_for_failed(rec)
         if (
@@ -129,7 +129,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         )
     else:
         rec.status = STEP_COMPLETED
-        rec.output = text
+        rec.output = ctx.stored_output(text)
         rec.error = None
     ctx.checkpoint(rec)
     if rec.status == STEP_FAILED:
@@ -269,7 +269,7 @@ def wait_for_event(
     now = time.time()
     if rec is not None:
         if rec.status == STEP_COMPLETED:
-            return load_value(rec.output or "null")
+            return ctx.load_output(rec.output)
         if rec.status == STEP_WAITING and rec.due_at and rec.due_at > now + _EPSILON:
             raise ctx.interrupted(_Suspend(rec.due_at, "waiting"))
         if rec.status == STEP_WAITING:

@@ -28,33 +28,39 @@ for _error in UNAVAILABLE:
     blueprint.register_error_handler(_error, _database_unavailable)
 
 
+#: How long a wait request beyond ``DURABLE_MAX_HELD_WAITS`` is held before
+#: its ``303`` to itself: long enough that a client following redirects does
+#: not spin through its redirect limit, short enough that the threads it
+#: passes through serve everyone else at once.
+SHORT_HOLD = 0.02
+
+
 @blueprint.get("/wait/<token>")
 def wait(token: str) -> Response:
     """Long-poll until the run is finished, then answer with its final
-    response exactly as the view produced it."""
+    response exactly as the view produced it.
+
+    At most ``DURABLE_MAX_HELD_WAITS`` requests per process long-poll at
+    once; the others are held for :data:`SHORT_HOLD` only, and a request
+    with ``Prefer: respond-async`` is not held at all: waiting clients never
+    hold every thread of a server."""
     lifecycle = get_lifecycle()
-    run_id = lifecycle.tokens.unsign(token)
+    run_id = lifecycle.tokens.unsign(token, request.headers)
     if run_id is None:
-        return json_response(404, error="unknown or invalid wait token")
+        return json_response(404, error="unknown, invalid or expired wait token")
     lifecycle.start_in_background()
-    deadline = time.monotonic() + lifecycle.config.wait_timeout
-    status = "unknown"
-    while True:
-        listener = lifecycle.waiters.subscribe(run_id)
-        try:
-            found = lifecycle.store.get_final(run_id)
-            if found is None:
-                return json_response(404, error="unknown run", run_id=run_id)
-            status = found.status
-            if status in TERMINAL_STATUSES and found.response is not None:
-                return stored_response(found.response)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            listener.wait(min(remaining, lifecycle.config.poll_interval))
-        finally:
-            lifecycle.waiters.unsubscribe(run_id, listener)
-    if prefers_async(request.headers.get("Prefer")):
+    respond_async = prefers_async(request.headers.get("Prefer"))
+    held = not respond_async and lifecycle.held_waits.acquire(blocking=False)
+    try:
+        timeout = lifecycle.config.wait_timeout
+        hold = 0.0 if respond_async else timeout if held else min(SHORT_HOLD, timeout)
+        status, final = _wait_for(run_id, hold)
+    finally:
+        if held:
+            lifecycle.held_waits.release()
+    if final is not None:
+        return final
+    if respond_async:
         response = json_response(202, run_id, run_id=run_id, status=status)
         response.headers["Retry-After"] = "1"
         response.headers["Location"] = request.path
@@ -65,6 +71,28 @@ def wait(token: str) -> Response:
     )
     response.headers["Location"] = request.path
     return response
+
+
+def _wait_for(run_id: str, hold: float) -> tuple[str, Response | None]:
+    """The run's status and, once it is terminal, its final response
+    (or a ``404``), waiting up to ``hold`` seconds for it."""
+    lifecycle = get_lifecycle()
+    deadline = time.monotonic() + hold
+    while True:
+        listener = lifecycle.waiters.subscribe(run_id)
+        try:
+            found = lifecycle.store.get_final(run_id)
+            if found is None:
+                return "unknown", json_response(404, error="unknown run", run_id=run_id)
+            if found.status in TERMINAL_STATUSES and found.response is not None:
+                blob = lifecycle.open_stored(found.response)
+                return found.status, stored_response(blob)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return found.status, None
+            listener.wait(min(remaining, lifecycle.config.poll_interval))
+        finally:
+            lifecycle.waiters.unsubscribe(run_id, listener)
 
 
 @blueprint.post("/events")

@@ -12,7 +12,7 @@ from flask import request
 from .config import Config, EndpointOptions
 from .durations import Duration, parse_duration
 from .lifecycle import OPTIONS_ATTR, Lifecycle, get_lifecycle
-from .records import RunInfo
+from .records import RunInfo, RunSummary
 from .replay import REPLAY_KEY, CaptureMiddleware
 
 if TYPE_CHECKING:
@@ -183,6 +183,70 @@ class Durable:
         :returns: ``False`` if the run is unknown or already finished.
         """
         return get_lifecycle().cancel(run_id)
+
+    def retry(self, run_id: str) -> bool:
+        """Run a ``failed`` run again from the step that failed, with fresh
+        attempts.
+
+        Steps that completed stay memoized (they do not run again); each step
+        that failed for good starts again from attempt 0, its earlier
+        attempts kept in :attr:`StepInfo.attempt_errors`. A run that failed
+        outside any step is replayed. The run becomes ``scheduled``, due now,
+        its stored response and error cleared: a client that asks its wait
+        URL again gets the new final response.
+
+        Only failed runs are retried: a cancelled run stays cancelled (use
+        :meth:`rewind` to run its steps again). A run whose endpoint
+        ``timeout`` has passed is cancelled again as soon as it resumes.
+
+        :returns: ``False`` if the run is unknown (in this app).
+        :raises ValueError: if the run is not ``failed``.
+        """
+        return get_lifecycle().retry(run_id)
+
+    def rewind(self, run_id: str, step_id: str) -> bool:
+        """Run step ``step_id`` of a run, and every step after it, again.
+
+        Those steps are forgotten (with the waits of their
+        ``step.wait_for_event``), the steps before them stay memoized, and
+        the run becomes ``scheduled``, due now; a finished run's response
+        and error are cleared, and its wait URL answers the new final
+        response. Works on a run in any state except executing.
+
+        :param step_id: the step's id as :attr:`StepInfo.id` shows it
+            (``"charge"``, ``"charge:1"``, ...).
+        :returns: ``False`` if the run is unknown (in this app).
+        :raises ValueError: if the run has no such step, or is executing
+            now (it holds an unexpired lease).
+        """
+        return get_lifecycle().rewind(run_id, step_id)
+
+    def list_runs(
+        self,
+        status: str | None = None,
+        endpoint: str | None = None,
+        q: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunSummary], str | None]:
+        """The runs of this app, newest first, a page at a time::
+
+            runs, cursor = durable.list_runs(status="failed")
+            while cursor:
+                more, cursor = durable.list_runs(status="failed", cursor=cursor)
+
+        :param status: only runs with this status (a :class:`RunStatus`
+            value).
+        :param endpoint: only runs of this endpoint id.
+        :param q: only the run with this id, or the runs holding this
+            ``Idempotency-Key``.
+        :param limit: at most this many runs (1 to 1000).
+        :param cursor: the ``next_cursor`` of the previous page.
+        :returns: ``(runs, next_cursor)``: :class:`~flask_durable.records.RunSummary`
+            objects, and the cursor of the next page (``None`` on the last).
+        :raises ValueError: for an unknown status, a bad limit or cursor.
+        """
+        return get_lifecycle().list_runs(status, endpoint, q, limit, cursor)
 
     def get_run(self, run_id: str) -> RunInfo | None:
         """A read-only view of a run of this app, or ``None`` if unknown.

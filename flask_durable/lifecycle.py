@@ -4,7 +4,8 @@ A run is *started* by a request (:meth:`Lifecycle.execute`), *suspended*
 when a step must wait (:meth:`Lifecycle.suspend`), *finished* with its final
 response (:meth:`Lifecycle.finish`, :meth:`Lifecycle.finish_detached`),
 *resumed* by the scheduler (:meth:`Lifecycle.resume`), *rescheduled* when no
-handler here can run it, and *cancelled* (:meth:`Lifecycle.cancel`). Each of
+handler here can run it, *cancelled* (:meth:`Lifecycle.cancel`), *retried*
+(:meth:`Lifecycle.retry`) and *rewound* (:meth:`Lifecycle.rewind`). Each of
 these methods writes through the store or the run's committer, then, once
 the write is committed, sends the signal and wakes the waiters that announce
 it. ``docs/internals.rst`` draws the states.
@@ -58,6 +59,7 @@ from .records import (
     NewRun,
     RunInfo,
     RunStatus,
+    RunSummary,
     StepInfo,
     Suspension,
 )
@@ -102,6 +104,8 @@ OPTIONS_ATTR = "__durable_endpoint__"
 #: How long a run waits before a process that has no handler for it (a
 #: rolling deploy, a renamed route) gives it back to be tried again.
 _UNHANDLED_DELAY = 30.0
+#: The most runs :meth:`Lifecycle.list_runs` answers at once.
+_MAX_LIST_LIMIT = 1000
 
 
 def _new_run_id() -> str:
@@ -776,6 +780,94 @@ class Lifecycle:
         if claim is not None:
             self.resume(claim)
         return True
+
+    def retry(self, run_id: str) -> bool:
+        """See :meth:`flask_durable.Durable.retry`."""
+        self.ensure_schema()
+        self.writer.flush()  # a final response this process has queued, too
+        found = self.store.retry_failed(run_id)
+        if found is None:
+            return False
+        if found != "failed":
+            raise ValueError(
+                f"run {run_id} is {found}, not failed: only a failed run can be"
+                " retried (rewind runs steps of any other run again)"
+            )
+        self.scheduler.wake_now(run_id)
+        return True
+
+    def rewind(self, run_id: str, step_id: str) -> bool:
+        """See :meth:`flask_durable.Durable.rewind`."""
+        self.ensure_schema()
+        self.writer.flush()  # the steps this process has queued, too
+        found = self.store.rewind(run_id, step_id)
+        if found is None:
+            return False
+        if found == "no_step":
+            raise ValueError(f"run {run_id} has no step {step_id!r}")
+        if found == "executing":
+            raise ValueError(
+                f"run {run_id} is executing (its lease is held): rewind it once"
+                " it is suspended or finished"
+            )
+        self.scheduler.wake_now(run_id)
+        return True
+
+    def list_runs(
+        self,
+        status: str | None = None,
+        endpoint: str | None = None,
+        q: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunSummary], str | None]:
+        """See :meth:`flask_durable.Durable.list_runs`."""
+        if status is not None:
+            try:
+                status = RunStatus(status).value
+            except ValueError:
+                choices = ", ".join(s.value for s in RunStatus)
+                raise ValueError(
+                    f"unknown run status {status!r}: one of {choices}"
+                ) from None
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not (1 <= limit <= _MAX_LIST_LIMIT)
+        ):
+            raise ValueError(
+                f"limit must be an integer from 1 to {_MAX_LIST_LIMIT}, not {limit!r}"
+            )
+        if cursor is not None and (
+            not isinstance(cursor, str)
+            or not 1 <= len(cursor) <= 32
+            or cursor.strip("0123456789abcdef")
+        ):
+            raise ValueError(f"bad cursor {cursor!r}: pass a next_cursor returned")
+        self.ensure_schema()
+        rows = self.store.list_runs(
+            status=status,
+            endpoint=endpoint or None,
+            q=q or None,
+            limit=limit + 1,
+            before=cursor,
+        )
+        summaries = [
+            RunSummary(
+                id=row.id,
+                endpoint=row.endpoint,
+                status=RunStatus(row.status),
+                attempt=row.attempt,
+                created_at=to_datetime(row.created_at),
+                updated_at=to_datetime(row.updated_at),
+                finished_at=to_datetime(row.finished_at),
+                due_at=to_datetime(row.due_at),
+                error=row.error,
+            )
+            for row in rows[:limit]
+        ]
+        next_cursor = summaries[-1].id if len(rows) > limit else None
+        return summaries, next_cursor
 
     def send(self, name: str, data: Any = None, event_id: str | None = None) -> str:
         """See :meth:`flask_durable.Durable.send`."""

@@ -289,6 +289,27 @@ class RunInfo:
         return self.status.is_terminal
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """One run as :meth:`Durable.list_runs <flask_durable.Durable.list_runs>`
+    lists it: :class:`RunInfo` without its steps and response.
+    """
+
+    id: str
+    endpoint: str
+    status: RunStatus
+    attempt: int
+    created_at: datetime | None
+    updated_at: datetime | None
+    finished_at: datetime | None
+    due_at: datetime | None
+    error: str | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+
 @dataclass(frozen=True, slots=True)
 class CurrentRun:
     """What :data:`current_run` exposes inside a durable view.

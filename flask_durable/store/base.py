@@ -749,6 +749,170 @@ class Store:
                 == 1
             )
 
+    # -- operating runs -----------------------------------------------------------
+
+    def retry_failed(self, run_id: str) -> str | None:
+        """Schedule a ``failed`` run of this app again, due now: its stored
+        response and error are cleared, and its steps that failed for good
+        get fresh attempts (``error`` status, ``attempts`` 0, their error
+        and attempt history kept). Steps that completed stay memoized.
+
+        :returns: ``None`` when the run is unknown, else its status before
+            the call (only a ``"failed"`` run was changed).
+        """
+        now = _now()
+        with self.begin() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.app_id == self.app_id,
+                    runs.c.status == "failed",
+                    runs.c.due_at.is_(None),
+                )
+                .values(
+                    status="scheduled",
+                    due_at=now,
+                    response=None,
+                    error=None,
+                    finished_at=None,
+                    cancel_requested=False,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    version=runs.c.version + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if done != 1:
+                return conn.execute(
+                    sa.select(runs.c.status).where(
+                        runs.c.id == run_id, runs.c.app_id == self.app_id
+                    )
+                ).scalar()
+            conn.execute(
+                steps.update()
+                .where(steps.c.run_id == run_id, steps.c.status == "failed")
+                .values(status="error", attempts=0, due_at=None, finished_at=None)
+            )
+            self._notify(conn, WAKE_CHANNEL, run_id)
+        return "failed"
+
+    def rewind(self, run_id: str, step_id: str) -> str | None:
+        """Delete step ``step_id`` of a run of this app and every step after
+        it (by ``seq``), with their waits, and schedule the run due now (a
+        terminal run's response and error are cleared), in one transaction.
+        Nothing changes while the run's lease is held.
+
+        :returns: ``None`` when the run is unknown; ``"no_step"`` when it
+            has no step ``step_id``; ``"executing"`` when its lease is held;
+            else ``"rewound"``.
+        """
+        now = _now()
+        with self.begin() as conn:
+            found = conn.execute(
+                sa.select(runs.c.id).where(
+                    runs.c.id == run_id, runs.c.app_id == self.app_id
+                )
+            ).first()
+            if found is None:
+                return None
+            seq = conn.execute(
+                sa.select(steps.c.seq).where(
+                    steps.c.run_id == run_id, steps.c.step_id == step_id
+                )
+            ).scalar()
+            if seq is None:
+                return "no_step"
+            done = conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.app_id == self.app_id,
+                    sa.or_(
+                        runs.c.lease_expires_at.is_(None),
+                        runs.c.lease_expires_at < now,
+                    ),
+                )
+                .values(
+                    status="scheduled",
+                    due_at=now,
+                    response=None,
+                    error=None,
+                    finished_at=None,
+                    # A pending cancellation stays; a finished run's is over.
+                    cancel_requested=sa.case(
+                        (runs.c.due_at.is_(None), False),
+                        else_=runs.c.cancel_requested,
+                    ),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    version=runs.c.version + 1,
+                    updated_at=now,
+                )
+            ).rowcount
+            if done != 1:
+                return "executing"
+            ids = list(
+                conn.execute(
+                    sa.select(steps.c.step_id).where(
+                        steps.c.run_id == run_id, steps.c.seq >= seq
+                    )
+                ).scalars()
+            )
+            conn.execute(
+                waits.delete().where(waits.c.run_id == run_id, waits.c.step_id.in_(ids))
+            )
+            conn.execute(
+                steps.delete().where(steps.c.run_id == run_id, steps.c.seq >= seq)
+            )
+            self._notify(conn, WAKE_CHANNEL, run_id)
+        return "rewound"
+
+    def list_runs(
+        self,
+        *,
+        status: str | None,
+        endpoint: str | None,
+        q: str | None,
+        limit: int,
+        before: str | None,
+    ) -> list[Any]:
+        """Up to ``limit`` runs of this app, newest first (by id, the
+        primary key: no other index is needed), with ids below ``before``
+        when given. ``q`` matches a run id or an idempotency key exactly
+        (also a key scoped to a caller's credentials).
+
+        :returns: rows of ``id, endpoint, status, attempt, created_at,
+            updated_at, finished_at, due_at, error``.
+        """
+        query = sa.select(
+            runs.c.id,
+            runs.c.endpoint,
+            runs.c.status,
+            runs.c.attempt,
+            runs.c.created_at,
+            runs.c.updated_at,
+            runs.c.finished_at,
+            runs.c.due_at,
+            runs.c.error,
+        ).where(runs.c.app_id == self.app_id)
+        if status is not None:
+            query = query.where(runs.c.status == status)
+        if endpoint is not None:
+            query = query.where(runs.c.endpoint == endpoint)
+        if before is not None:
+            query = query.where(runs.c.id < before)
+        if q is not None:
+            query = query.where(
+                sa.or_(
+                    runs.c.id == q,
+                    runs.c.idempotency_key == q,
+                    runs.c.idempotency_key.endswith("\x1f" + q, autoescape=True),
+                )
+            )
+        with self.read() as conn:
+            return list(conn.execute(query.order_by(runs.c.id.desc()).limit(limit)))
+
     # -- idempotency ------------------------------------------------------------
 
     def try_insert_idempotent_run(self, run: NewRun) -> bool:

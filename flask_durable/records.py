@@ -110,10 +110,6 @@ class StepRecord:
         #: Every failed attempt (JSON list of objects), kept after success.
         self.history = history
 
-    def row(self) -> dict[str, Any]:
-        """The column values, for the store."""
-        return {name: getattr(self, name) for name in self.__slots__}
-
     def __repr__(self) -> str:
         return f"<StepRecord {self.step_id!r} {self.status}>"
 

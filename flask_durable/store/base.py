@@ -77,9 +77,6 @@ class Store:
     :param lease_seconds: how long a lease lasts.
     """
 
-    #: Whether this database delivers notifications (``LISTEN``).
-    notifies = False
-
     def __init__(self, engine: Engine, app_id: str, lease_seconds: float) -> None:
         self.engine = engine
         self.app_id = app_id

@@ -27,8 +27,6 @@ from .schema import STEP_COLUMNS, runs, steps
 class PostgresStore(Store):
     """The store on a PostgreSQL database (psycopg 3)."""
 
-    notifies = True
-
     def __init__(
         self,
         url: sa.engine.URL,

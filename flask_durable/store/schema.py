@@ -17,6 +17,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..records import StepRecord
+
 #: Bump when the tables change, and teach :func:`migrate` the step; see
 #: ``docs/upgrading.rst``.
 SCHEMA_VERSION = 2
@@ -115,19 +117,8 @@ events = sa.Table(
 )
 
 #: Step columns in the order :class:`~flask_durable.records.StepRecord`
-#: takes them.
-STEP_COLUMNS = (
-    "step_id",
-    "seq",
-    "status",
-    "attempts",
-    "output",
-    "error",
-    "due_at",
-    "started_at",
-    "finished_at",
-    "history",
-)
+#: takes them (its slots).
+STEP_COLUMNS: tuple[str, ...] = StepRecord.__slots__
 
 #: Run columns a claim returns, in the order of
 #: :class:`~flask_durable.records.Claim` (without owner and claimed_at).

@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "DURABLE_REPLAY_HEADERS": None,
     "DURABLE_ENCRYPT_PAYLOADS": False,
     "DURABLE_RETENTION": "7d",
+    "DURABLE_DASHBOARD": True,
+    "DURABLE_METRICS": False,
+    "DURABLE_OTEL": False,
     "DURABLE_WAIT_TOKEN_TTL": None,
     "DURABLE_MAX_HELD_WAITS": 4,
 }
@@ -107,6 +110,12 @@ class Config:
     encrypt_payloads: bool
     #: Seconds a terminal run is kept (``None``: for ever).
     retention: float | None
+    #: Serve the dashboard and its JSON API under the prefix.
+    dashboard: bool
+    #: Serve Prometheus metrics at ``<prefix>/metrics``.
+    metrics: bool
+    #: Emit OpenTelemetry spans per run and step.
+    otel: bool
     #: Seconds a wait token is valid (the retention when not set; ``None``:
     #: for ever).
     wait_token_ttl: float | None
@@ -166,6 +175,9 @@ class Config:
             replay_headers=_header_names(config, "DURABLE_REPLAY_HEADERS"),
             encrypt_payloads=_bool(config, "DURABLE_ENCRYPT_PAYLOADS"),
             retention=_optional_duration(config, "DURABLE_RETENTION"),
+            dashboard=_bool(config, "DURABLE_DASHBOARD"),
+            metrics=_bool(config, "DURABLE_METRICS"),
+            otel=_bool(config, "DURABLE_OTEL"),
             wait_token_ttl=_optional_duration(config, "DURABLE_WAIT_TOKEN_TTL")
             if config["DURABLE_WAIT_TOKEN_TTL"] is not None
             else _optional_duration(config, "DURABLE_RETENTION"),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from flask import request
 
+from .access import AccessRule, AuthCallback
 from .config import Config, EndpointOptions
 from .durations import Duration, parse_duration
 from .lifecycle import OPTIONS_ATTR, Lifecycle, get_lifecycle
@@ -40,6 +41,8 @@ class Durable:
     def __init__(self, app: Flask | None = None) -> None:
         #: Explicit endpoint ids, and the code of the view that took each.
         self._ids: dict[str, CodeType] = {}
+        #: Who may use the dashboard, its API and the metrics.
+        self._access = AccessRule()
         if app is not None:
             self.init_app(app)
 
@@ -59,6 +62,7 @@ class Durable:
             )
         lifecycle = Lifecycle(app, Config.from_app(app))
         app.extensions["durable"] = lifecycle
+        lifecycle.access = self._access
         app.wsgi_app = CaptureMiddleware(  # type: ignore[method-assign]
             app.wsgi_app,
             lifecycle.finish,
@@ -68,7 +72,13 @@ class Durable:
         from .cli import durable_cli
         from .views import blueprint
 
-        app.register_blueprint(blueprint, url_prefix=lifecycle.config.url_prefix)
+        prefix = lifecycle.config.url_prefix
+        app.register_blueprint(blueprint, url_prefix=prefix)
+        if lifecycle.config.dashboard:
+            from . import api, dashboard
+
+            app.register_blueprint(api.blueprint, url_prefix=prefix + "/api")
+            app.register_blueprint(dashboard.blueprint, url_prefix=prefix)
         if not any(cmd is durable_cli for cmd in app.cli.commands.values()):
             app.cli.add_command(durable_cli)
 
@@ -155,6 +165,21 @@ class Durable:
         return decorator
 
     # -- API -------------------------------------------------------------------
+
+    def dashboard_auth(self, callback: AuthCallback) -> AuthCallback:
+        """Register who may use the dashboard, its JSON API and the metrics::
+
+            @durable.dashboard_auth
+            def allow():
+                return current_user.is_authenticated and current_user.is_admin
+
+        ``callback`` takes no arguments, reads :data:`flask.request`, and
+        returns ``True`` to allow the request; anything else (or an
+        exception) answers ``403``. Without a callback these routes answer
+        ``403`` unless the app runs in debug mode.
+        """
+        self._access.auth = callback
+        return callback
 
     def is_replay(self) -> bool:
         """Whether the current request is a replay of a durable run (usable

@@ -38,6 +38,7 @@ from flask import (
 )
 
 from . import signals
+from .access import AccessRule
 from .commit import (
     BatchedCommitter,
     Committer,
@@ -69,6 +70,7 @@ from .replay import (
     StoragePolicy,
     build_environ,
     capture_request,
+    describe_request,
     open_blob,
     read_body,
     replay,
@@ -154,6 +156,9 @@ class Lifecycle:
         #: Wait requests that may long-poll at once in this process.
         self.held_waits = threading.BoundedSemaphore(config.max_held_waits)
         self.active: dict[str, Execution] = {}
+        #: Who may use the dashboard (the :class:`~flask_durable.Durable`
+        #: instance sets its own).
+        self.access = AccessRule()
         self.waiters = Waiters()
         # A delivered event is a step's output: the smaller limit holds.
         max_event, key = min(
@@ -909,7 +914,15 @@ class Lifecycle:
             due_at=to_datetime(row.due_at),
             error=row.error,
             response=response,
+            request=self._describe(row.request),
+            updated_at=to_datetime(row.updated_at),
         )
+
+    def _describe(self, blob: bytes) -> dict[str, Any] | None:
+        try:
+            return describe_request(blob, self.cipher, self.config.sensitive_headers)
+        except DecryptionError:
+            return None
 
 
 def _after_fork_in_child() -> None:

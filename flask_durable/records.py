@@ -266,7 +266,9 @@ class RunInfo:
     <flask_durable.Durable.get_run>`).
 
     ``response`` is ``(status_code, headers, body)`` once the run is
-    terminal, else ``None``.
+    terminal, else ``None``. ``request`` is the stored request as people may
+    read it (:func:`~flask_durable.replay.describe_request`: credentials
+    masked), or ``None`` when it cannot be decrypted.
     """
 
     id: str
@@ -279,6 +281,8 @@ class RunInfo:
     due_at: datetime | None
     error: str | None
     response: tuple[int, list[tuple[str, str]], bytes] | None
+    request: dict[str, Any] | None = None
+    updated_at: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -358,3 +362,21 @@ class CurrentStep:
 
     def __repr__(self) -> str:
         return f"<CurrentStep {self._id!r} attempt={self._attempt}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """The unfinished runs of an app, as the metrics read them at each
+    scrape (:meth:`Store.backlog <flask_durable.store.base.Store.backlog>`).
+
+    :ivar by_status: how many unfinished runs have each status (statuses
+        without runs are left out).
+    :ivar due: runs due now that no process holds (their lease is free or
+        expired): work waiting for a worker.
+    :ivar oldest_due_at: since when (POSIX time) the longest waiting of
+        those has been due, or ``None``.
+    """
+
+    by_status: dict[str, int]
+    due: int
+    oldest_due_at: float | None

@@ -218,6 +218,52 @@ def build_environ(blob: bytes, cipher: Cipher | None = None) -> WSGIEnvironment:
     return environ
 
 
+#: What :func:`describe_request` shows instead of a credential.
+MASK = "********"
+#: How much of a stored body :func:`describe_request` shows.
+BODY_PREVIEW = 64 * 1024
+
+
+def describe_request(
+    blob: bytes, cipher: Cipher | None, sensitive: Collection[str] = ()
+) -> dict[str, Any]:
+    """A stored request for people to read: method, path, query, headers
+    (credentials masked, never decrypted) and the body (as text when it is
+    UTF-8, the first :data:`BODY_PREVIEW` bytes).
+
+    :param sensitive: more header names (lower-case) to mask besides
+        :data:`ALWAYS_SENSITIVE` and those stored encrypted.
+    :raises DecryptionError: the whole request is encrypted and no key
+        opens it.
+    """
+    meta, body = decode_envelope(open_blob(cipher, blob))
+    stored: dict[str, str] = meta["environ"]
+    masked_keys = set(meta.get("sealed", ())) | _environ_keys(
+        ALWAYS_SENSITIVE | set(sensitive)
+    )
+    headers = []
+    for key, value in stored.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").title()
+            headers.append([name, MASK if key in masked_keys else value])
+    if stored.get("CONTENT_TYPE"):
+        headers.append(["Content-Type", stored["CONTENT_TYPE"]])
+    preview = body[:BODY_PREVIEW]
+    try:
+        text: str | None = preview.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {
+        "method": stored.get("REQUEST_METHOD", "GET"),
+        "path": stored.get("SCRIPT_NAME", "") + stored.get("PATH_INFO", ""),
+        "query": stored.get("QUERY_STRING", ""),
+        "headers": sorted(headers),
+        "body": text,
+        "body_size": len(body),
+        "body_truncated": len(body) > BODY_PREVIEW,
+    }
+
+
 def with_run_id(headers: list[tuple[str, str]], run_id: str) -> list[tuple[str, str]]:
     """``headers`` with ``Durable-Run-Id`` (unless it is there)."""
     if not any(k.lower() == "durable-run-id" for k, _ in headers):

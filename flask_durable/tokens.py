@@ -78,6 +78,11 @@ class WaitTokens:
         value = run_id if fingerprint is None else f"{run_id}.{fingerprint}"
         return signer.sign(value).decode("ascii")
 
+    def derive(self, purpose: bytes) -> bytes:
+        """A key for ``purpose``, derived from the newest secret key."""
+        self.signer  # noqa: B018 (loads the keys)
+        return hmac.new(self._keys[-1], purpose, hashlib.sha256).digest()
+
     def unsign(self, token: str, headers: Headers | None = None) -> str | None:
         """The run id, or ``None`` for a tampered, malformed or expired
         token, or one bound to credentials that ``headers`` do not carry."""

@@ -110,6 +110,17 @@ def events() -> Response:
         response = json_response(401, error="missing or wrong bearer key")
         response.headers["WWW-Authenticate"] = 'Bearer realm="durable-events"'
         return response
+    checked = parse_events()
+    if isinstance(checked, Response):
+        return checked
+    return json_response(202, ids=lifecycle.send_events(checked))
+
+
+def parse_events() -> list[Event] | Response:
+    """The events in the request's JSON body (one, or a list of 1 to 1000),
+    each checked, or the ``400``/``413`` to answer: a list is all or
+    nothing."""
+    lifecycle = get_lifecycle()
     limit = lifecycle.config.max_event_size
     body = read_body(request, limit) if request.is_json else b""
     if body is None:
@@ -125,7 +136,6 @@ def events() -> Response:
     items = payload if isinstance(payload, list) else [payload]
     if not items or len(items) > 1000:
         return json_response(400, error="send 1 to 1000 events at once")
-    # Every event is checked before any is stored: a list is all or nothing.
     checked: list[Event] = []
     for i, item in enumerate(items):
         problem = _check_event(item)
@@ -143,7 +153,7 @@ def events() -> Response:
             )
         except (TypeError, ValueError) as e:
             return json_response(400, error=f"event {i}: {e}")
-    return json_response(202, ids=lifecycle.send_events(checked))
+    return checked
 
 
 def _refuse_constant(name: str) -> Any:

@@ -103,13 +103,13 @@ def make_app(db_url: str, tmp_path: Any) -> Iterator[Callable[..., Flask]]:
     """Build apps with flask-durable; shut them all down afterwards."""
     apps: list[Flask] = []
 
-    def factory(**config: Any) -> Flask:
+    def factory(extension: Durable | None = None, **config: Any) -> Flask:
         app = Flask("durable_test", instance_path=str(tmp_path / "instance"))
         app.config.update(
             SECRET_KEY="test-secret", DURABLE_DATABASE_URI=db_url, **FAST_CONFIG
         )
         app.config.update(config)
-        Durable(app)
+        (extension or Durable()).init_app(app)
         apps.append(app)
         return app
 

@@ -106,6 +106,8 @@ def test_lower_modules_do_not_import_the_lifecycle() -> None:
         "flask_durable",
         "flask_durable.extension",
         "flask_durable.views",
+        "flask_durable.api",
+        "flask_durable.dashboard",
         "flask_durable.cli",
         "flask_durable.lifecycle",
     }

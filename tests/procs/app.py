@@ -89,6 +89,13 @@ def effect(
     return {"x": x, "pid": pid}
 
 
+def broken_effect(job: str) -> dict[str, Any]:
+    """Step ``b`` of ``/flaky``: fails (logged) while ``broken`` exists."""
+    if (TEST_DIR / "broken").exists():
+        raise RuntimeError("b is broken")
+    return effect(job, "b")
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=str(TEST_DIR / "instance"))
     db = os.environ["DURABLE_TEST_DB"]
@@ -108,6 +115,7 @@ def create_app() -> Flask:
     if db.startswith("postgresql"):
         app.config["DURABLE_ENGINE_OPTIONS"] = {"pool_size": 4, "max_overflow": 16}
     durable.init_app(app)
+    durable.dashboard_auth(lambda: request.headers.get("X-Admin") == "yes")
 
     @app.get("/health")
     def health() -> Any:
@@ -187,6 +195,15 @@ def create_app() -> Flask:
             )
         step.sleep("nap", body.get("nap", 3))
         b = step.run("b", effect, job, "b")
+        return jsonify(job=job, pid=os.getpid(), steps={"a": a, "b": b})
+
+    @app.post("/flaky")
+    @durable.endpoint(retries=0)
+    def flaky() -> Any:
+        """``b`` fails for good while the file ``broken`` exists."""
+        job = request.get_json()["job"]
+        a = step.run("a", effect, job, "a")
+        b = step.run("b", broken_effect, job)
         return jsonify(job=job, pid=os.getpid(), steps={"a": a, "b": b})
 
     @app.post("/stall")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from flask import Blueprint, Response, request
 from .access import csrf_token, guard, set_csrf_cookie
 from .lifecycle import get_lifecycle
 from .records import RunInfo, RunStatus, RunSummary, StepInfo
+from .replay import ALWAYS_SENSITIVE, MASK
 from .responses import json_response, unavailable
 from .store import UNAVAILABLE
 from .views import parse_events
@@ -82,12 +84,19 @@ def step_to_json(step: StepInfo) -> dict[str, Any]:
 
 def response_to_json(
     response: tuple[int, list[tuple[str, str]], bytes] | None,
+    hidden: Collection[str] = (),
 ) -> dict[str, Any] | None:
-    """A final response: its body as text when it is UTF-8, else base64."""
+    """A final response: its body as text when it is UTF-8, else base64;
+    credentials, ``Set-Cookie`` and the headers named in ``hidden``
+    (lower-case) masked."""
     if response is None:
         return None
     status, headers, body = response
-    shown: dict[str, Any] = {"status": status, "headers": [list(h) for h in headers]}
+    masked = ALWAYS_SENSITIVE | {"set-cookie"} | set(hidden)
+    shown: dict[str, Any] = {
+        "status": status,
+        "headers": [[k, MASK if k.lower() in masked else v] for k, v in headers],
+    }
     try:
         shown["body"] = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -95,9 +104,10 @@ def response_to_json(
     return shown
 
 
-def run_to_json(run: RunInfo) -> dict[str, Any]:
-    """A whole run, as ``GET runs/<run_id>`` answers it."""
-    return {
+def run_to_json(run: RunInfo, hidden: Collection[str] = ()) -> dict[str, Any]:
+    """A whole run, as ``GET runs/<run_id>`` answers it (``hidden``: more
+    response headers to mask, as :func:`response_to_json`)."""
+    shown = {
         "id": run.id,
         "endpoint": run.endpoint,
         "status": run.status.value,
@@ -109,8 +119,12 @@ def run_to_json(run: RunInfo) -> dict[str, Any]:
         "error": run.error,
         "steps": [step_to_json(s) for s in run.steps],
         "request": run.request,
-        "response": response_to_json(run.response),
+        "response": response_to_json(run.response, hidden),
     }
+    if run.endpoint and (run.event is not None or run.output is not None):
+        shown["event"] = run.event
+        shown["output"] = _jsonable(run.output)
+    return shown
 
 
 def _body() -> dict[str, Any] | Response:
@@ -162,10 +176,11 @@ def list_runs() -> Response:
 @blueprint.get("/runs/<run_id>")
 def get_run(run_id: str) -> Response:
     """One run with its steps, stored request and final response."""
-    run = get_lifecycle().get_run(run_id)
+    lifecycle = get_lifecycle()
+    run = lifecycle.get_run(run_id)
     if run is None:
         return _no_run(run_id)
-    return json_response(200, **run_to_json(run))
+    return json_response(200, **run_to_json(run, lifecycle.config.sensitive_headers))
 
 
 @blueprint.post("/runs/<run_id>/retry")

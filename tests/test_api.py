@@ -346,3 +346,25 @@ def test_cancel_while_executing_over_api(make_app: Any, live_server: Any) -> Non
         client.join(10)
     assert result["r"].status_code == 409
     assert calls["after"] == 0
+
+
+def test_final_response_credentials_are_masked(make_app: Any, live_server: Any) -> None:
+    app = build(make_app, DURABLE_SENSITIVE_HEADERS=["X-Api-Token"])
+
+    @app.post("/login")
+    @durable.endpoint
+    def login() -> Any:
+        step.run("check", _count, "check")
+        response = jsonify(ok=True)
+        response.set_cookie("session", "s3cr3t-cookie")
+        response.headers["X-Api-Token"] = "t0ken-value"
+        return response
+
+    server = live_server(app)
+    durable.dashboard_auth(admin_only)
+    run_id = server.post("/login").headers["Durable-Run-Id"]
+    run = Api(server).get(f"/runs/{run_id}").json()
+    headers = dict(run["response"]["headers"])
+    assert headers["Set-Cookie"] == "********"
+    assert headers["X-Api-Token"] == "********"
+    assert "s3cr3t" not in json.dumps(run) and "t0ken" not in json.dumps(run)

@@ -540,11 +540,12 @@ def durable_hooks(app: Flask) -> list[Any]:
         app.url_value_preprocessors,
         app.url_default_functions,
     ]
+    # Hooks of the extension's own blueprints (the dashboard's access check)
+    # run for their routes only: what counts is what runs for every view.
     found = [
         fn
         for registry in hooks
-        for fns in registry.values()
-        for fn in fns
+        for fn in registry.get(None, [])
         if getattr(fn, "__module__", "").startswith("flask_durable")
     ]
     found += [

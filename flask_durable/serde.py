@@ -12,6 +12,7 @@ headers and bodies can be added.
 from __future__ import annotations
 
 import json
+import json.encoder
 import re
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,40 @@ from flask.json.tag import JSONTag, TaggedJSONSerializer
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
+_join = "".join
+
+
+def _unencodable(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+#: :data:`_encode` without its per-call set-up (``JSONEncoder.encode`` builds
+#: an encoder for each call) and without the circular-reference check: only
+#: for trees built by this module (tagged or copied values), which cannot
+#: refer to themselves. The same output as :data:`_encode`.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+if _c_make_encoder is not None:  # CPython
+    _encode_tree = _c_make_encoder(
+        None,
+        _unencodable,
+        json.encoder.encode_basestring,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )
+
+    def _encode_built(value: Any) -> str:
+        return _join(_encode_tree(value, 0))
+
+else:  # pragma: no cover - without the C accelerator
+
+    def _encode_built(value: Any) -> str:
+        return _encode(value)
+
+
 #: A lone surrogate: no database column can store it as it is (it has no
 #: UTF-8 encoding), and ``ensure_ascii=False`` leaves it raw in JSON text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -32,14 +67,18 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def _dumps(value: Any) -> str:
+def _storable(text: str) -> str:
     """Compact JSON that every database stores: a lone surrogate (only
     possible inside a JSON string) is written as its ``\\uXXXX`` escape,
     which loads back to the same character; NUL is escaped by JSON itself."""
-    text = _encode(value)
     if text.isascii() or _SURROGATE.search(text) is None:
         return text
     return _SURROGATE.sub(_escape, text)
+
+
+def _dumps(value: Any) -> str:
+    """``value`` as compact JSON every database stores (see :func:`_storable`)."""
+    return _storable(_encode(value))
 
 
 def is_storable_text(text: str) -> bool:
@@ -95,7 +134,7 @@ class _StrictSerializer(TaggedJSONSerializer):
         return self.tag(value)
 
     def dumps(self, value: Any) -> str:
-        return _dumps(self.fast_tag(value))
+        return _storable(_encode_built(self.fast_tag(value)))
 
     def loads(self, value: str | bytes) -> Any:
         if isinstance(value, str) and '{" ' not in value:
@@ -104,6 +143,40 @@ class _StrictSerializer(TaggedJSONSerializer):
 
 
 _serializer = _StrictSerializer()
+_TAG_KEYS = _serializer.tags
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+class _NotPlain(Exception):
+    """A value :func:`_plain_copy` leaves to the tagged serializer."""
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of a plain JSON value (``str``, ``int``, ``float``, ``bool``,
+    ``None``, and lists and dicts with ``str`` keys of them), equal to what
+    its tagged JSON loads back to (the same ``dict`` key order).
+
+    :raises _NotPlain: anything else (tuples, bytes, subclasses, non-``str``
+        keys), or a one-key dict whose key is a tag's (escaped when stored).
+    """
+    kind = type(value)
+    if kind is dict:
+        if len(value) == 1 and next(iter(value)) in _TAG_KEYS:
+            raise _NotPlain
+        copy = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotPlain
+            copy[key] = item if type(item) in _SCALARS else _plain_copy(item)
+        return copy
+    if kind is list:
+        return [item if type(item) in _SCALARS else _plain_copy(item) for item in value]
+    if kind in _SCALARS:
+        return value
+    raise _NotPlain
+
+
+_TOO_DEEP = "value is nested too deeply (or refers to itself)"
 
 
 def dump_value(value: Any) -> str:
@@ -114,12 +187,42 @@ def dump_value(value: Any) -> str:
     except (TypeError, ValueError) as e:
         raise TypeError(str(e)) from None
     except RecursionError:
-        raise TypeError("value is nested too deeply (or refers to itself)") from None
+        raise TypeError(_TOO_DEEP) from None
 
 
 def load_value(text: str | bytes) -> Any:
     """Decode a value written by :func:`dump_value`."""
     return _serializer.loads(text)
+
+
+def encode_value(value: Any) -> tuple[str, Any]:
+    """``(dump_value(value), load_value(dump_value(value)))`` in one pass.
+
+    Plain JSON values (the common case) are copied as they are checked and
+    encoded once, never decoded: the text is the same, and the copy equals
+    what decoding it returns. Anything else takes the tagged round trip.
+
+    :raises TypeError: as :func:`dump_value`.
+    """
+    try:
+        copy = _plain_copy(value)
+    except _NotPlain:
+        text = dump_value(value)
+        return text, load_value(text)
+    except RecursionError:
+        raise TypeError(_TOO_DEEP) from None
+    try:
+        text = _encode_built(copy)
+    except (TypeError, ValueError) as e:  # an int over Python's digit limit
+        raise TypeError(str(e)) from None
+    except RecursionError:
+        raise TypeError(_TOO_DEEP) from None
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text, copy
+    # Lone surrogates are stored escaped, and a high one followed by a low
+    # one loads back as the character the pair stands for: decode.
+    text = _SURROGATE.sub(_escape, text)
+    return text, load_value(text)
 
 
 def dump_json(value: Any) -> str:
@@ -138,7 +241,7 @@ def encode_envelope(meta: dict[str, Any], body: bytes) -> bytes:
     This is the single place that writes request and response headers and
     bodies to the database.
     """
-    return _dumps(meta).encode("utf-8") + b"\n" + body
+    return _storable(_encode_built(meta)).encode("utf-8") + b"\n" + body
 
 
 def decode_envelope(blob: bytes) -> tuple[dict[str, Any], bytes]:

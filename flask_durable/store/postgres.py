@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..records import Checkpoint, Finish
-from .base import FINISHED_CHANNEL, WAKE_CHANNEL, Store, _now
+from .base import _FINISH_ORDER, FINISHED_CHANNEL, WAKE_CHANNEL, Store, _now
 from .schema import STEP_COLUMNS, runs, steps
 
 
@@ -42,6 +42,8 @@ class PostgresStore(Store):
 
     def _sql(self, text: str) -> str:
         return re.sub(r"(?<!:):(\w+)", r"%(\1)s", text)
+
+    _marker = "%s"
 
     def _writer_lock(self) -> Any:
         return nullcontext()
@@ -72,10 +74,13 @@ class PostgresStore(Store):
             f" INSERT INTO durable_steps ({', '.join(step_cols)})"
             f" VALUES ({', '.join(':' + c for c in step_cols)})"
         )
+        bind = self._positional
         finish = self._finish_text()
-        self._sql_finish_notify = sql(
-            f"WITH done AS ({finish} RETURNING id) SELECT pg_notify(:channel, id)"
-            " FROM done"
+        # Positional like the finish statement (_FINISH_ORDER): the channel
+        # is written in.
+        notify = f"SELECT pg_notify('{FINISHED_CHANNEL}', id) FROM done"
+        self._sql_finish_notify = bind(
+            f"WITH done AS ({finish} RETURNING id) {notify}", _FINISH_ORDER
         )
         # A lone final response is committed without waiting for the WAL
         # flush (synchronous_commit=off for this transaction only): the run's
@@ -84,10 +89,11 @@ class PostgresStore(Store):
         # its response again.
         quick = "quick AS (SELECT set_config('synchronous_commit', 'off', true))"
         finish_quick = self._finish_text(" FROM quick")
-        self._sql_finish_quick = sql(f"WITH {quick} {finish_quick}")
-        self._sql_finish_notify_quick = sql(
+        self._sql_finish_quick = bind(f"WITH {quick} {finish_quick}", _FINISH_ORDER)
+        self._sql_finish_notify_quick = bind(
             f"WITH {quick}, done AS ({finish_quick} RETURNING durable_runs.id)"
-            " SELECT pg_notify(:channel, id) FROM done"
+            f" {notify}",
+            _FINISH_ORDER,
         )
         self._sql_notify = sql("SELECT pg_notify(:channel, :payload)")
 
@@ -135,7 +141,7 @@ class PostgresStore(Store):
 
     def _write_lone_finish(self, f: Finish) -> bool:
         sql = self._sql_finish_notify_quick if f.notify else self._sql_finish_quick
-        return self._execute_single(sql, self._finish_params(f, _now())) == 1
+        return self._execute_single(sql, self._finish_row(f, _now())) == 1
 
     def _finish_sql(self, notify: bool) -> str:
         return self._sql_finish_notify if notify else self._sql_finish

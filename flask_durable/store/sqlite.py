@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Connection
 
-from ..records import Finish
+from ..records import Checkpoint, Finish
 from .base import Store, _now
 
 #: The automatic checkpoint's mark (pages, ~16 MiB): only reached when no
@@ -131,7 +131,7 @@ class SQLiteStore(Store):
                 if cur is not None:
                     cur.close()
 
-    def _execute_single(self, sql: str, params: dict[str, Any]) -> int:
+    def _execute_single(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> int:
         # Autocommit: one statement is atomic on its own; no generator, no
         # cursor object kept (this is every sync checkpoint).
         with self._lock:
@@ -141,8 +141,34 @@ class SQLiteStore(Store):
             except self._dbapi_error as e:
                 raise self._drop_writer(conn, None, e) from e
 
+    def _insert_run_and_step(self, c: Checkpoint) -> bool:
+        # What _raw() does for these two statements, without its generator
+        # and cursor (this is every run's first checkpoint).
+        run = c.new_run
+        assert run is not None
+        now = _now()
+        run_row = self._run_row(run, now, due_at=run.created_at)
+        step_row = self._step_row(c.run_id, c.inserts[0])
+        with self._lock:
+            conn = self._writer_conn()
+            raw = conn.driver_connection
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                try:
+                    raw.execute(self._sql_insert_run, run_row)
+                    raw.execute(self._sql_insert_step, step_row)
+                    raw.commit()
+                except self._dbapi_error:
+                    raise
+                except BaseException:
+                    raw.rollback()
+                    raise
+            except self._dbapi_error as e:
+                raise self._drop_writer(conn, None, e) from e
+        return True
+
     def _write_lone_finish(self, f: Finish) -> bool:
-        params = self._finish_params(f, _now())
+        params = self._finish_row(f, _now())
         if self.synchronous not in ("FULL", "EXTRA"):
             return self._execute_single(self._sql_finish, params) == 1
         # The one write that does not wait for the disk: the run's steps are
@@ -150,11 +176,11 @@ class SQLiteStore(Store):
         # still leased, is replayed to render its response again. It goes
         # into the WAL now and is synced by the next commit's sync.
         with self._lock:
-            self._execute_single("PRAGMA synchronous=NORMAL", {})
+            self._execute_single("PRAGMA synchronous=NORMAL", ())
             try:
                 return self._execute_single(self._sql_finish, params) == 1
             finally:
-                self._execute_single(f"PRAGMA synchronous={self.synchronous}", {})
+                self._execute_single(f"PRAGMA synchronous={self.synchronous}", ())
 
     @contextmanager
     def _reading(self) -> Iterator[Any]:

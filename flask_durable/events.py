@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .crypto import EVENT_CONTEXT, STEP_CONTEXT, Cipher, is_sealed_text
+from .functions import CANCEL_PREFIX
 from .records import WaitSpec
 from .serde import dump_json, dump_value, is_storable_text, load_json
 from .store import Store
@@ -67,9 +68,13 @@ class EventBus:
         max_size_key: str = "DURABLE_MAX_EVENT_SIZE",
         cipher: Cipher | None = None,
         seal: bool = False,
+        cancel: Callable[[str, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.store = store
         self.wake = wake
+        #: Called with ``(run_id, step_id, event)`` for a matched wait that
+        #: stands for a function's ``cancel_on`` rule.
+        self.cancel = cancel
         self.cipher = cipher
         self.seal = seal and cipher is not None
         self.max_size = max_size
@@ -134,6 +139,10 @@ class EventBus:
             as_dict = event.as_dict()
             for wait in self.store.waits_for(event.name, event.ts):
                 if matches(load_json(wait.match), as_dict):
+                    if wait.step_id.startswith(CANCEL_PREFIX):
+                        if self.cancel is not None:
+                            self.cancel(wait.run_id, wait.step_id, as_dict)
+                        continue
                     self._deliver(wait.run_id, wait.step_id, event.output)
         return [e.id for e in events]
 

@@ -15,7 +15,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 from . import signals
 from .commit import Committer
@@ -26,6 +26,7 @@ from .records import (
     STEP_COMPLETED,
     STEP_ERROR,
     STEP_FAILED,
+    STEP_RUNNING,
     Checkpoint,
     CurrentRun,
     NewRun,
@@ -45,6 +46,27 @@ _MAX_STEP_ID = 200
 #: Failed attempts kept per step (the oldest are dropped).
 _MAX_HISTORY = 50
 _MAX_TRACEBACK = 8000
+
+
+class StepObserver(Protocol):
+    """Told when a step attempt starts and ends (metrics and tracing, see
+    :mod:`flask_durable.observability`). Both calls happen in the thread,
+    and the context, that runs the attempt."""
+
+    def attempt_started(self, ex: Execution, rec: StepRecord) -> None: ...
+
+    def attempt_ended(
+        self,
+        ex: Execution,
+        rec: StepRecord,
+        error: BaseException | None,
+        will_retry: bool,
+    ) -> None: ...
+
+
+#: Calls a durable view for an execution: ``(ex, view, args, kwargs)``
+#: (:mod:`flask_durable.observability` runs it in a span).
+ViewCaller = Callable[["Execution", Callable[..., Any], Any, Any], Any]
 
 
 class Execution:
@@ -69,6 +91,7 @@ class Execution:
         sender: Any,
         cipher: Cipher | None = None,
         seal_outputs: bool = False,
+        observer: StepObserver | None = None,
     ) -> None:
         self.id = run_id
         self.endpoint = endpoint
@@ -88,6 +111,15 @@ class Execution:
         self.seal_outputs = seal_outputs and cipher is not None
         is_replay = new_run is None and attempt > 0
         self.public = CurrentRun(run_id, attempt, is_replay, endpoint)
+        #: While a replay runs code an earlier execution already ran: until a
+        #: step does new work or the view passes the last step stored
+        #: (``durable.logger`` drops records meanwhile).
+        self.replaying = is_replay and bool(records)
+        self._frontier = (
+            max(records, key=lambda r: r.seq).step_id if self.replaying else None
+        )
+        #: Told of each step attempt (``DURABLE_METRICS``, ``DURABLE_OTEL``).
+        self.observer = observer
         self.memo = {r.step_id: r for r in records}
         self.stored = set(self.memo)
         self.state_size = sum(len(r.output or "") for r in records)
@@ -180,14 +212,18 @@ class Execution:
             raise TypeError(f"a step id must be a non-empty string, not {step_id!r}")
         if len(step_id) > _MAX_STEP_ID:
             raise ValueError(f"step id is longer than {_MAX_STEP_ID} characters")
-        if not is_storable_text(step_id):
+        if not is_storable_text(step_id) or step_id[0] == "\x1f":
             raise ValueError(
-                f"a step id cannot hold NUL or a lone surrogate: {step_id!r}"
+                "a step id cannot hold NUL or a lone surrogate, nor start with"
+                f" \\x1f (reserved): {step_id!r}"
             )
         with self.lock:
             n = self.counts.get(step_id, 0)
             self.counts[step_id] = n + 1
-        return step_id if n == 0 else f"{step_id}:{n}"
+        sid = step_id if n == 0 else f"{step_id}:{n}"
+        if self.replaying and sid == self._frontier:
+            self.replaying = False
+        return sid
 
     def boundary(self) -> None:
         """Stop here if the run was cancelled, passed its deadline, or may
@@ -199,6 +235,7 @@ class Execution:
         :attr:`lease_trust`, the lease is renewed here, fenced on the owner,
         before a step may start.
         """
+        self.replaying = False  # new work begins here
         if self.cancel_reason is None and self.deadline is not None:
             if time.time() >= self.deadline:
                 self.cancel_reason = "timeout"
@@ -242,6 +279,8 @@ class Execution:
             with self.lock:
                 rec = StepRecord(step_id, self.seq, status, started_at=time.time())
                 self.seq += 1
+        if self.observer is not None and status == STEP_RUNNING:
+            self.observer.attempt_started(self, rec)
         return rec
 
     # -- failures -------------------------------------------------------------
@@ -266,6 +305,8 @@ class Execution:
         rec.attempts += 1
         rec.error = dump_json([entry["type"], entry["message"]])
         self.exceptions[rec.step_id] = error
+        if self.observer is not None:
+            self.observer.attempt_ended(self, rec, error, will_retry)
         log.warning(
             "run %s: step %r attempt %d failed (%s): %s: %s",
             self.id,
@@ -292,6 +333,8 @@ class Execution:
 
     def checkpoint(self, rec: StepRecord) -> None:
         """Commit one step's final state (completed or failed for good)."""
+        if self.observer is not None:
+            self.observer.attempt_ended(self, rec, None, False)
         with self.lock:
             if rec.status == STEP_COMPLETED:
                 size = self.state_size + len(rec.output or "")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Sequence
 from types import CodeType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -12,7 +14,15 @@ from flask import request
 from .access import AccessRule, AuthCallback
 from .config import Config, EndpointOptions
 from .durations import Duration, parse_duration
+from .functions import (
+    DurableFunction,
+    compile_expression,
+    make_cancel_rules,
+    make_triggers,
+)
 from .lifecycle import OPTIONS_ATTR, Lifecycle, get_lifecycle
+from .observability import instrument, require_extras
+from .observability import logger as _logger
 from .records import RunInfo, RunSummary
 from .replay import REPLAY_KEY, CaptureMiddleware
 
@@ -20,6 +30,8 @@ if TYPE_CHECKING:
     from flask import Flask
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_FUNCTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 
 
 class Durable:
@@ -38,11 +50,22 @@ class Durable:
     ``app.extensions["durable"]``.
     """
 
+    #: A :class:`logging.Logger` (``flask_durable.app``) that drops the
+    #: records logged while a replay re-runs code an earlier execution of
+    #: the run already ran, so that each line is logged once per run
+    #: (:doc:`observability`)::
+    #:
+    #:     durable.logger.info("charging order %s", order_id)
+    logger: logging.Logger = _logger
+
     def __init__(self, app: Flask | None = None) -> None:
         #: Explicit endpoint ids, and the code of the view that took each.
         self._ids: dict[str, CodeType] = {}
         #: Who may use the dashboard, its API and the metrics.
         self._access = AccessRule()
+        #: The durable functions, by id, and the apps they are served on.
+        self._functions: dict[str, DurableFunction] = {}
+        self._lifecycles: list[Lifecycle] = []
         if app is not None:
             self.init_app(app)
 
@@ -55,12 +78,16 @@ class Durable:
 
         :raises RuntimeError: if ``app`` already has flask-durable.
         :raises ValueError: for a bad configuration value.
+        :raises ImportError: ``DURABLE_METRICS`` or ``DURABLE_OTEL`` is on
+            and its extra (``[prometheus]``, ``[otel]``) is not installed.
         """
         if "durable" in app.extensions:
             raise RuntimeError(
                 "flask-durable is already set up on this app; call init_app once"
             )
-        lifecycle = Lifecycle(app, Config.from_app(app))
+        config = Config.from_app(app)
+        require_extras(config)
+        lifecycle = Lifecycle(app, config)
         app.extensions["durable"] = lifecycle
         lifecycle.access = self._access
         app.wsgi_app = CaptureMiddleware(  # type: ignore[method-assign]
@@ -79,6 +106,13 @@ class Durable:
 
             app.register_blueprint(api.blueprint, url_prefix=prefix + "/api")
             app.register_blueprint(dashboard.blueprint, url_prefix=prefix)
+        observer = instrument(app, lifecycle.config, lifecycle.backlog)
+        if observer is not None:
+            lifecycle.observer = observer
+            lifecycle.call_view = observer.call_view
+        self._lifecycles.append(lifecycle)
+        for fn in self._functions.values():
+            lifecycle.register_function(fn)
         if not any(cmd is durable_cli for cmd in app.cli.commands.values()):
             app.cli.add_command(durable_cli)
 
@@ -162,6 +196,109 @@ class Durable:
 
         if view is not None:
             return decorator(view)
+        return decorator
+
+    # -- functions ------------------------------------------------------------
+
+    def function(
+        self,
+        id: str,
+        *,
+        event: str | Sequence[str] | None = None,
+        cron: str | None = None,
+        triggers: Sequence[dict[str, Any]] | None = None,
+        if_: str | Callable[[dict[str, Any]], Any] | None = None,
+        retries: int | None = None,
+        idempotency: str | Callable[[dict[str, Any]], Any] | None = None,
+        timeouts: dict[str, Duration] | None = None,
+        cancel_on: Sequence[dict[str, Any]] | None = None,
+    ) -> Callable[[Callable[[dict[str, Any]], Any]], DurableFunction]:
+        """Register a durable function, started by events or a schedule::
+
+            @durable.function("send-welcome", event="user/signup",
+                              if_="event.data.plan == 'pro'")
+            def send_welcome(event):
+                user = step.run("load-user", load_user, event["data"]["id"])
+                step.sleep("wait-a-day", "1d")
+                step.run("email", send_email, user)
+                return {"sent": True}
+
+        The function is called with the event (``name``, ``data``, ``id``,
+        ``ts``) by the scheduler of any process that registered it; every
+        ``step.*`` works in it as in an endpoint. Its return value (JSON) is
+        the run's output (:attr:`RunInfo.output`).
+
+        :param id: the function's stable id (letters, digits, ``._/-``).
+        :param event: the event name (or names) that start it.
+        :param cron: a crontab line, with an optional ``TZ=<zone>`` prefix
+            (``"TZ=Europe/Paris 0 2 * * *"``): each tick starts exactly one
+            run across all processes, with a ``durable/scheduled.timer``
+            event.
+        :param triggers: more triggers: ``{"event": name, "if": expr}`` or
+            ``{"cron": line}``.
+        :param if_: only events for which this is true start it: a CEL
+            expression over ``event`` (compiled once) or a callable taking
+            the event.
+        :param retries: retries per step (default ``DURABLE_RETRIES``).
+        :param idempotency: a CEL expression or callable giving a key: a
+            second event with the same key starts nothing.
+        :param timeouts: ``{"start": duration}`` cancels a run not started
+            (no step run) in time, ``{"finish": duration}`` one not finished
+            in time.
+        :param cancel_on: events that cancel a run at its next step
+            boundary: ``{"event": name, "match": "data.order_id"}`` (the
+            incoming event's field equals the triggering event's) and/or
+            ``"if"``: a CEL expression over ``event`` and ``async`` (the
+            incoming event), or a callable taking both.
+        :raises ValueError: a bad id, trigger, expression or option, or an
+            id already taken; the message names the function.
+        """
+        if not isinstance(id, str) or not _FUNCTION_ID.fullmatch(id):
+            raise ValueError(
+                f"a function id is 1 to 128 letters, digits and ._/- (starting"
+                f" with a letter or digit), not {id!r}"
+            )
+        if retries is not None and (
+            isinstance(retries, bool) or not isinstance(retries, int) or retries < 0
+        ):
+            raise ValueError(
+                f"function {id!r}: retries must be an integer >= 0, not {retries!r}"
+            )
+        found = make_triggers(id, event, cron, triggers, if_)
+        key = (
+            None
+            if idempotency is None
+            else compile_expression(idempotency, id, "idempotency")
+        )
+        timeouts = dict(timeouts or {})
+        unknown = set(timeouts) - {"start", "finish"}
+        if unknown:
+            raise ValueError(
+                f"function {id!r}: unknown timeouts {sorted(unknown)} ('start'"
+                " and 'finish' are)"
+            )
+        finish, start = timeouts.get("finish"), timeouts.get("start")
+        rules = make_cancel_rules(id, cancel_on)
+
+        def decorator(fn: Callable[[dict[str, Any]], Any]) -> DurableFunction:
+            if id in self._functions and self._functions[id].fn is not fn:
+                raise ValueError(f"durable function id {id!r} is already used")
+            durable_fn = DurableFunction(
+                id=id,
+                fn=fn,
+                triggers=found,
+                retries=retries,
+                idempotency=key,
+                timeout_seconds=None if finish is None else parse_duration(finish),
+                cancel_on=rules,
+                start_seconds=None if start is None else parse_duration(start),
+            )
+            functools.update_wrapper(durable_fn, fn)
+            self._functions[id] = durable_fn
+            for lifecycle in self._lifecycles:
+                lifecycle.register_function(durable_fn)
+            return durable_fn
+
         return decorator
 
     # -- API -------------------------------------------------------------------

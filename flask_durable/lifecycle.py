@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import hmac
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import (
@@ -33,6 +35,7 @@ from flask import (
     Response,
     current_app,
     has_request_context,
+    jsonify,
     request,
     url_for,
 )
@@ -52,9 +55,21 @@ from .crypto import STEP_CONTEXT, Cipher, DecryptionError, is_sealed_text
 from .durations import to_datetime
 from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
 from .events import Event, EventBus
-from .execution import Execution, swallowed_error
+from .execution import Execution, StepObserver, ViewCaller, swallowed_error
+from .functions import (
+    CANCEL_PREFIX,
+    FINISHED_EVENT,
+    FUNCTION_PATH,
+    INVOKED_EVENT,
+    CronClock,
+    DurableFunction,
+    cron_key,
+    function_request,
+    tick_event,
+)
 from .records import (
     TERMINAL_STATUSES,
+    Backlog,
     Claim,
     Finish,
     NewRun,
@@ -63,6 +78,7 @@ from .records import (
     RunSummary,
     StepInfo,
     Suspension,
+    WaitSpec,
 )
 from .replay import (
     CONTEXT_KEY,
@@ -87,7 +103,7 @@ from .responses import (
     unavailable,
 )
 from .scheduler import Scheduler
-from .serde import safe_text
+from .serde import decode_envelope, dump_json, safe_text
 from .store import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, open_store
 from .tokens import WaitTokens
 from .waiters import Waiters
@@ -156,9 +172,18 @@ class Lifecycle:
         #: Wait requests that may long-poll at once in this process.
         self.held_waits = threading.BoundedSemaphore(config.max_held_waits)
         self.active: dict[str, Execution] = {}
+        #: Told of every step attempt, and calling each durable view in a
+        #: span: set by :func:`flask_durable.observability.instrument` when
+        #: ``DURABLE_METRICS`` or ``DURABLE_OTEL`` is on.
+        self.observer: StepObserver | None = None
+        self.call_view: ViewCaller | None = None
         #: Who may use the dashboard (the :class:`~flask_durable.Durable`
         #: instance sets its own).
         self.access = AccessRule()
+        #: The durable functions registered on this app, by id.
+        self.functions: dict[str, DurableFunction] = {}
+        #: Function runs executing here that a ``step.invoke`` started.
+        self._invoked: set[str] = set()
         self.waiters = Waiters()
         # A delivered event is a step's output: the smaller limit holds.
         max_event, key = min(
@@ -172,6 +197,7 @@ class Lifecycle:
             key,
             self.cipher,
             config.encrypt_payloads,
+            self._cancel_on_event,
         )
         self._lock = threading.Lock()
         self._idempotency_keys: tuple[bytes, ...] | None = None
@@ -204,6 +230,7 @@ class Lifecycle:
             self.new_owner,
             self.endpoints,
         )
+        self.scheduler.chores.append(self._repair_chore)
 
     # -- the process ----------------------------------------------------------
 
@@ -399,7 +426,10 @@ class Lifecycle:
         self.active[ex.id] = ex
         token = _cv_run.set(ex)
         try:
-            rv = view(*args, **kwargs)
+            if self.call_view is None:
+                rv = view(*args, **kwargs)
+            else:
+                rv = self.call_view(ex, view, args, kwargs)
             if ex.interrupt is not None:
                 raise swallowed_error(ex.interrupt)
         except _Suspend as s:
@@ -438,6 +468,7 @@ class Lifecycle:
             sender=self.app,
             cipher=self.cipher,
             seal_outputs=config.encrypt_payloads,
+            observer=self.observer,
             **fields,
         )
 
@@ -711,6 +742,11 @@ class Lifecycle:
     ) -> None:
         self.waiters.notify(run_id)
         self.scheduler.notify_finished(run_id)
+        if endpoint in self.functions and (
+            status != "completed" or run_id in self._invoked
+        ):
+            self._invoked.discard(run_id)
+            self._function_ended(run_id, status, error)
         if status == "completed":
             if signals.run_completed.receivers:
                 signals.run_completed.send(
@@ -876,16 +912,296 @@ class Lifecycle:
 
     def send(self, name: str, data: Any = None, event_id: str | None = None) -> str:
         """See :meth:`flask_durable.Durable.send`."""
-        self.ensure_schema()
-        return self.events.send(name, data, event_id)
+        return self.send_events([self.events.check(name, data, event_id)])[0]
 
     def send_events(self, events: Sequence[Event]) -> list[str]:
-        """Store events checked by :meth:`EventBus.check` (all or none),
-        then deliver them."""
+        """Start the functions the events trigger, then store the events
+        (all or none) and deliver them to waiting runs.
+
+        Functions first: a crash in between leaves runs whose events were
+        not stored, and sending the events again starts nothing twice (a
+        function run's id comes from its event's id)."""
         self.ensure_schema()
+        if self.functions:
+            self.start_functions([e.as_dict() for e in events])
         return self.events.send_many(events)
 
+    # -- functions -------------------------------------------------------------
+
+    def register_function(self, fn: DurableFunction) -> None:
+        """Serve ``fn``: its internal route, and its cron triggers."""
+        if fn.id in self.functions:
+            return
+        self.functions[fn.id] = fn
+        options = EndpointOptions(
+            retries=fn.retries, id=fn.id, timeout_seconds=fn.timeout_seconds
+        )
+
+        def call() -> Response:
+            payload = request.get_json()
+            start_by = payload.get("start_by")
+            ex = _cv_run.get()
+            if start_by is not None and not ex.memo and time.time() > start_by:
+                raise _Cancelled("timeout")  # timeouts["start"] has passed
+            if payload["event"]["name"] == INVOKED_EVENT:
+                self._invoked.add(ex.id)  # its parent is told when it ends
+            return jsonify(fn.fn(payload["event"]))
+
+        def view() -> Any:
+            if REPLAY_KEY not in request.environ:
+                return json_response(404, error="not found")
+            return self.execute(call, options, (), {})
+
+        setattr(view, OPTIONS_ATTR, options)
+        self.app.add_url_rule(
+            self.config.url_prefix + FUNCTION_PATH + fn.id,
+            endpoint=f"durable_function:{fn.id}",
+            view_func=view,
+            methods=["POST"],
+        )
+        for n, trigger in enumerate(fn.crons):
+            assert trigger.crontab is not None
+            self._add_cron(fn, trigger.crontab, trigger.zone, n)
+
+    def _repair_chore(self) -> None:
+        if self.functions:
+            with self.app.app_context():
+                self.repair_invokes()
+
+    def _add_cron(
+        self, fn: DurableFunction, crontab: str, zone: str | None, n: int
+    ) -> None:
+        key = cron_key(self.config.app_id, fn.id, crontab, zone)
+        state: dict[str, CronClock] = {}
+
+        def fire() -> None:
+            now = datetime.now(timezone.utc)
+            clock = state.get("clock")
+            if clock is None:
+                # Ticks are caught up from when the function was first
+                # served on this database, within the retention.
+                first = float(self.store.meta_value(key, str(time.time())))
+                window = self.config.retention or 86400.0
+                since = max(first, time.time() - window)
+                clock = state["clock"] = CronClock(
+                    crontab, zone, datetime.fromtimestamp(since, timezone.utc)
+                )
+            ticks = clock.due(now)
+            if ticks:
+                self.start_runs(fn, [tick_event(fn.id, t) for t in ticks])
+
+        self.scheduler.add_cron(
+            f"durable-cron:{fn.id}:{n}",
+            CronClock(crontab, zone, datetime.now(timezone.utc)).trigger,
+            fire,
+        )
+
+    def _trigger_of(self, run_id: str) -> tuple[DurableFunction, dict[str, Any], Any]:
+        """The function of a function run, the event that started it, and
+        its row.
+
+        :raises LookupError: not a run of a function served here.
+        """
+        row = self.store.get_run(run_id)
+        if row is None or row.endpoint not in self.functions:
+            raise LookupError(run_id)
+        _, body = decode_envelope(self.open_stored(row.request))
+        return self.functions[row.endpoint], json.loads(body)["event"], row
+
+    def _cancel_on_event(
+        self, run_id: str, step_id: str, incoming: dict[str, Any]
+    ) -> None:
+        """An event matched a ``cancel_on`` rule of a function run."""
+        try:
+            fn, trigger, _ = self._trigger_of(run_id)
+            rule = fn.cancel_on[int(step_id[len(CANCEL_PREFIX) :])]
+            if rule.if_ is not None and rule.if_(trigger, incoming) is not True:
+                return
+        except (LookupError, ValueError, IndexError):
+            return  # a function no longer served here, or run gone
+        except Exception:
+            log.warning(
+                "run %s: its cancel_on condition failed on event %s; not cancelled",
+                run_id,
+                incoming.get("id"),
+                exc_info=True,
+            )
+            return
+        self.cancel(run_id)
+
+    def _function_ended(self, run_id: str, status: str, error: str | None) -> None:
+        """Send ``durable/function.failed`` or ``.cancelled`` for a function
+        run (in the background: the caller may be the writer thread)."""
+
+        def send() -> None:
+            try:
+                with self.app.app_context():
+                    self.send_function_events(run_id, status, error)
+            except Exception:
+                log.exception("run %s: could not send its system event", run_id)
+
+        threading.Thread(target=send, name="durable-system-event", daemon=True).start()
+
+    def send_function_events(
+        self, run_id: str, status: str, error: str | None = None
+    ) -> None:
+        """The events a finished function run sends: ``durable/function.
+        failed`` or ``.cancelled``, and to the run that invoked it,
+        ``durable/function.finished``. Their ids come from the run: sending
+        them again is harmless."""
+        fn, trigger, row = self._trigger_of(run_id)
+        error = error or row.error
+        if status in ("failed", "cancelled"):
+            data = {
+                "function_id": fn.id,
+                "run_id": run_id,
+                "error": error,
+                "event": trigger,
+            }
+            self.send(f"durable/function.{status}", data, f"{run_id}:{status}")
+        if trigger["name"] == INVOKED_EVENT:
+            output = None
+            if status == "completed" and row.response is not None:
+                _, _, body = decode_response(self.open_stored(row.response))
+                output = json.loads(body)
+            finished = {
+                "run_id": run_id,
+                "status": status,
+                "output": output,
+                "error": error,
+            }
+            self.send(FINISHED_EVENT, finished, f"{run_id}:finished")
+
+    def repair_invokes(self) -> int:
+        """Tell waiting parents of children that ended without telling
+        them (their process died in between). Run by housekeeping.
+
+        :returns: how many parents were told.
+        """
+        told = 0
+        for wait in self.store.waits_for(FINISHED_EVENT, time.time()):
+            child = json.loads(wait.match).get("data.run_id")
+            final = self.store.get_final(child) if child else None
+            if final is None or final.status not in TERMINAL_STATUSES:
+                continue
+            self.send_function_events(child, final.status)
+            spec = WaitSpec(wait.step_id, FINISHED_EVENT, wait.match, 0.0, 0.0)
+            self.events.catch_up(wait.run_id, spec)
+            told += 1
+        return told
+
+    def start_functions(self, events: Sequence[dict[str, Any]]) -> list[str]:
+        """Start a run of every function each event triggers.
+
+        :returns: the ids of the runs started.
+        """
+        started: list[str] = []
+        for fn in self.functions.values():
+            wanted = []
+            for event in events:
+                if event["name"] not in fn.events:
+                    continue
+                try:
+                    if fn.wants(event):
+                        wanted.append(event)
+                except Exception:
+                    log.warning(
+                        "function %s: its filter failed on event %s; not started",
+                        fn.id,
+                        event["id"],
+                        exc_info=True,
+                    )
+            if wanted:
+                started += self.start_runs(fn, wanted)
+        return started
+
+    def invoke(
+        self, fn_id: Any, parent_id: str, step_id: str, data: dict[str, Any]
+    ) -> str:
+        """Start the child run of ``step.invoke`` (once: its id comes from
+        the parent and the step) and return its id.
+
+        :raises ValueError: no function ``fn_id`` here, or bad data.
+        """
+        fn = self.functions.get(fn_id) if isinstance(fn_id, str) else None
+        if fn is None:
+            raise ValueError(
+                f"step.invoke({step_id!r}): no durable function {fn_id!r} in"
+                f" this app (known: {sorted(self.functions)})"
+            )
+        checked = self.events.check(INVOKED_EVENT, data, f"invoke:{parent_id}")
+        event = checked.as_dict()
+        event["id"] = f"invoke:{parent_id}:{step_id}"
+        basis = f"{self.config.app_id}\0{fn.id}\0invoke\0{parent_id}\0{step_id}"
+        child = hashlib.sha256(basis.encode()).hexdigest()[:32]
+        self.start_runs(fn, [event], [child])
+        return child
+
+    def start_runs(
+        self,
+        fn: DurableFunction,
+        events: Sequence[dict[str, Any]],
+        run_ids: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Store a run of ``fn`` per event, due now, and wake a worker."""
+        now = time.time()
+        prefix = self.config.url_prefix
+        runs = []
+        waits: list[tuple[str, WaitSpec]] = []
+        for i, event in enumerate(events):
+            try:
+                run_id = (
+                    run_ids[i]
+                    if run_ids is not None
+                    else fn.run_id(self.config.app_id, event)
+                )
+            except Exception:
+                log.warning(
+                    "function %s: its idempotency expression failed on event"
+                    " %s; not started",
+                    fn.id,
+                    event["id"],
+                    exc_info=True,
+                )
+                continue
+            start_by = None if fn.start_seconds is None else now + fn.start_seconds
+            environ, body = function_request(prefix, fn.id, event, start_by)
+            timeout = fn.timeout_seconds
+            expires = now + (timeout if timeout is not None else _CANCEL_ON_HORIZON)
+            for n, rule in enumerate(fn.cancel_on):
+                match = rule.wait_match(event)
+                if match is not None:
+                    spec = WaitSpec(
+                        f"{CANCEL_PREFIX}{n}",
+                        rule.event,
+                        dump_json(match),
+                        now,
+                        expires,
+                    )
+                    waits.append((run_id, spec))
+            runs.append(
+                NewRun(
+                    id=run_id,
+                    app_id=self.config.app_id,
+                    endpoint=fn.id,
+                    created_at=now,
+                    deadline=None if timeout is None else now + timeout,
+                    owner="",
+                    request=capture_request(environ, body, self.storage),
+                )
+            )
+        started = self.store.insert_scheduled(runs, waits)
+        for run_id in started:
+            self._started(run_id, fn.id)
+            self.scheduler.wake_now(run_id)
+        return started
+
     # -- reading ---------------------------------------------------------------
+
+    def backlog(self) -> Backlog:
+        """The unfinished runs of this app (read at each metrics scrape)."""
+        self.ensure_schema()
+        return self.store.backlog()
 
     def get_run(self, run_id: str) -> RunInfo | None:
         """See :meth:`flask_durable.Durable.get_run`."""
@@ -916,7 +1232,26 @@ class Lifecycle:
             response=response,
             request=self._describe(row.request),
             updated_at=to_datetime(row.updated_at),
+            **self._function_io(row.endpoint, row.request, response),
         )
+
+    def _function_io(
+        self,
+        endpoint: str,
+        blob: bytes,
+        response: tuple[int, list[tuple[str, str]], bytes] | None,
+    ) -> dict[str, Any]:
+        """The event and output of a function run (nothing for others)."""
+        if endpoint not in self.functions:
+            return {}
+        try:
+            _, body = decode_envelope(self.open_stored(blob))
+            found: dict[str, Any] = {"event": json.loads(body)["event"]}
+        except (DecryptionError, ValueError, KeyError):
+            return {}
+        if response is not None and response[0] == 200:
+            found["output"] = json.loads(response[2])
+        return found
 
     def _describe(self, blob: bytes) -> dict[str, Any] | None:
         try:
@@ -932,6 +1267,11 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: How long a ``cancel_on`` rule of a function run without a finish timeout
+#: is kept (its wait row is deleted with the run in any case).
+_CANCEL_ON_HORIZON = 366 * 86400.0
 
 
 def get_lifecycle() -> Lifecycle:

@@ -283,6 +283,10 @@ class RunInfo:
     response: tuple[int, list[tuple[str, str]], bytes] | None
     request: dict[str, Any] | None = None
     updated_at: datetime | None = None
+    #: For a run of a durable function: the event that started it.
+    event: dict[str, Any] | None = None
+    #: For a completed run of a durable function: what it returned.
+    output: Any = None
 
     @property
     def is_terminal(self) -> bool:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
 from apscheduler.jobstores.base import JobLookupError
@@ -82,6 +83,10 @@ class Scheduler:
         self._timers: set[str] = set()
         self._backlog = False
         self.full = False
+        #: More work for each housekeeping pass.
+        self.chores: list[Callable[[], object]] = []
+        #: Cron jobs, by job id: (APScheduler trigger, callable).
+        self._crons: dict[str, tuple[Any, Callable[[], None]]] = {}
 
     @property
     def running(self) -> bool:
@@ -130,9 +135,20 @@ class Scheduler:
                 id="durable-housekeeping",
                 next_run_time=now,
             )
+            for job_id, (trigger, fire) in self._crons.items():
+                # Fired once at start too: it starts the ticks it missed.
+                aps.add_job(fire, trigger, id=job_id, next_run_time=now)
         aps.start()
         self._aps = aps
         self.full = full
+
+    def add_cron(self, job_id: str, trigger: Any, fire: Callable[[], None]) -> None:
+        """Call ``fire`` at each time of ``trigger`` (an APScheduler
+        trigger) while the full scheduler runs, and once when it starts."""
+        self._crons[job_id] = (trigger, fire)
+        aps = self._aps
+        if aps is not None and self.full:
+            aps.add_job(fire, trigger, id=job_id, replace_existing=True)
 
     def shutdown(self) -> None:
         aps, pool = self._aps, self._pool
@@ -319,6 +335,11 @@ class Scheduler:
             self.store.purge_events(time.time() - _EVENT_RETENTION)
         except Exception:
             log.exception("durable housekeeping failed")
+        for chore in self.chores:
+            try:
+                chore()
+            except Exception:
+                log.exception("durable housekeeping failed")
         self.prune()
 
     def prune(

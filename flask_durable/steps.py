@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
-from .context import _cv_step, get_execution
+from flask import current_app
+
+from .context import _cv_step, current_step, get_execution
 from .durations import Duration, parse_duration, parse_instant
 from .errors import (
     NonRetriableError,
@@ -25,6 +27,7 @@ from .errors import (
     _Suspend,
 )
 from .execution import Execution, _cv_branch, raise_for_failed
+from .functions import FINISHED_EVENT
 from .records import (
     STEP_COMPLETED,
     STEP_ERROR,
@@ -36,12 +39,16 @@ from .records import (
     StepRecord,
     WaitSpec,
 )
-from .serde import dump_json, dump_value, is_storable_text, load_value
+from .serde import dump_json, encode_value, is_storable_text
 
 T = TypeVar("T")
 
 #: Slack when comparing a stored due time with the clock.
 _EPSILON = 0.002
+
+
+#: How long ``step.invoke`` waits without a ``timeout``.
+_INVOKE_FOREVER = 366 * 86400.0
 
 
 def _backoff(ctx: Execution, failures: int) -> float:
@@ -108,7 +115,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     finally:
         _cv_step.reset(token)
     try:
-        text = dump_value(value)
+        text, value = encode_value(value)
     except TypeError as e:
         raise TypeError(
             f"step {sid!r} returned a value that cannot be stored ({e}); return"
@@ -134,7 +141,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx.checkpoint(rec)
     if rec.status == STEP_FAILED:
         raise_for_failed(rec)
-    return load_value(text)
+    return value
 
 
 def _failed(ctx: Execution, rec: StepRecord, error: Exception) -> NoReturn:
@@ -265,6 +272,12 @@ def wait_for_event(
         match_text = dump_json(dict(match or {}))
     except (TypeError, ValueError) as e:
         raise type(e)(f"step.wait_for_event({sid!r}): {e}") from None
+    return _wait_for_event(ctx, sid, event, match_text, seconds)
+
+
+def _wait_for_event(
+    ctx: Execution, sid: str, event: str, match_text: str, seconds: float
+) -> dict[str, Any] | None:
     rec = ctx.memo.get(sid)
     now = time.time()
     if rec is not None:
@@ -286,6 +299,73 @@ def wait_for_event(
     rec.due_at = now + seconds
     ctx.park(rec, WaitSpec(sid, event, match_text, now, rec.due_at))
     raise ctx.interrupted(_Suspend(rec.due_at, "waiting"))
+
+
+def invoke(
+    step_id: str,
+    function: Any,
+    data: Mapping[str, Any] | None = None,
+    timeout: Duration | None = None,
+) -> Any:
+    """Start a run of a durable function (by id or the object
+    :meth:`Durable.function <flask_durable.Durable.function>` returned), and
+    suspend until it ends, holding no thread.
+
+    The child is started once, whatever happens to this run; it gets the
+    event ``durable/function.invoked`` with ``data``.
+
+    :returns: the child's output, or ``None`` when ``timeout`` passes first
+        (the child goes on).
+    :raises StepError: the child failed or was cancelled.
+    :raises ValueError: no such function in this app, or bad data.
+    """
+    ctx = get_execution("step.invoke")
+    sid = ctx.unique_id(step_id)
+    if data is not None and not isinstance(data, Mapping):
+        raise TypeError(f"step.invoke({sid!r}): data must be a mapping or None")
+    try:
+        seconds = parse_duration(timeout) if timeout is not None else _INVOKE_FOREVER
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"step.invoke({sid!r}): {e}") from None
+    rec = ctx.memo.get(sid)
+    starter = current_app.extensions["durable"]
+    if rec is None or rec.status != STEP_COMPLETED:
+        fn_id = function if isinstance(function, str) else getattr(function, "id", None)
+        child = starter.invoke(fn_id, ctx.id, sid, dict(data or {}))
+    else:
+        child = ""
+    match_text = dump_json({"data.run_id": child}) if child else "{}"
+    finished = _wait_for_event(ctx, sid, FINISHED_EVENT, match_text, seconds)
+    if finished is None:
+        return None
+    result = finished["data"]
+    if result["status"] != "completed":
+        raise StepError(
+            sid,
+            "FunctionFailed" if result["status"] == "failed" else "FunctionCancelled",
+            str(result.get("error") or result["status"]),
+        )
+    return result.get("output")
+
+
+def send_event(step_id: str, name: str, data: Any = None, id: str | None = None) -> str:
+    """Send an event once per run (a retry or replay sends nothing more).
+
+    :returns: the event id (by default derived from the run and the step,
+        so that a crash between sending and checkpointing is harmless).
+    """
+    ctx = get_execution("step.send_event")
+    event_id = id
+    # Bad input is an error here, not a step failing (and retried).
+    current_app.extensions["durable"].events.check(name, data, id or "check")
+
+    def send() -> str:
+        sid = current_step.id
+        given = event_id or f"{ctx.id}:{sid}"
+        sent: str = current_app.extensions["durable"].send(name, data, given)
+        return sent
+
+    return run(step_id, send)
 
 
 def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:

@@ -154,3 +154,53 @@ def test_approval_timeout_releases_flight(
     assert steps["manager-approval"].output is None
     assert steps["release-flight"].output == {"released": "TP1234"}
     assert "charge-card" not in steps
+
+
+# -- examples/signup ------------------------------------------------------------
+
+SIGNUP = Path(__file__).parent.parent / "examples" / "signup" / "app.py"
+
+
+def test_signup_example(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, live_server: Any
+) -> None:
+    """Two signups, one deleted during its "day": one user gets both emails,
+    the other only the welcome; a user who opted out gets nothing."""
+    spec = importlib.util.spec_from_file_location("signup_app", SIGNUP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.chdir(tmp_path)
+    spec.loader.exec_module(module)
+    app: Flask = module.create_app(
+        {**FAST, "WELCOME_DELAY": 1.0}, instance_path=str(tmp_path / "instance")
+    )
+    try:
+        server = live_server(app)
+        ann = server.post("/signup", json={"email": "ann@example.com"})
+        bob = server.post("/signup", json={"email": "bob@example.com"})
+        server.post("/signup", json={"email": "cy@example.com", "newsletter": False})
+        assert ann.status_code == bob.status_code == 201
+        bob_id = bob.json()["user_id"]
+
+        def sent(to: str) -> list[str]:
+            return [m["subject"] for m in module.OUTBOX if m["to"] == to]
+
+        end = time.monotonic() + 10
+        while not (sent("ann@example.com") and sent("bob@example.com")):
+            assert time.monotonic() < end, module.OUTBOX
+            time.sleep(0.05)
+        assert server.post(f"/users/{bob_id}/delete", json={}).status_code == 200
+        while len(sent("ann@example.com")) < 2:
+            assert time.monotonic() < end, module.OUTBOX
+            time.sleep(0.05)
+        time.sleep(1.2)  # bob's "day" is over too
+        assert sent("ann@example.com") == ["Welcome!", "Three tips for your first week"]
+        assert sent("bob@example.com") == ["Welcome!"]
+        assert sent("cy@example.com") == []
+        with app.app_context():
+            runs, _ = module.durable.list_runs(endpoint="send-welcome")
+        assert sorted(r.status.value for r in runs) == ["cancelled", "completed"]
+        assert server.get("/").status_code == 200
+    finally:
+        app.extensions["durable"].close()

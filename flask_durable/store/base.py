@@ -9,6 +9,7 @@ statements that differ.
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -17,10 +18,13 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from ..records import (
+    Backlog,
     Checkpoint,
     Claim,
     FinalState,
@@ -55,6 +59,10 @@ WAKE_CHANNEL = "durable_wake"
 _RUN_COLUMNS = tuple(c.name for c in runs.columns)
 _STEP_INSERT_COLUMNS = ("run_id", *STEP_COLUMNS)
 _SETTABLE_STEP_COLUMNS = tuple(c for c in STEP_COLUMNS if c != "step_id")
+#: A ``:name`` parameter (not a PostgreSQL ``::`` cast).
+_PARAMETER = re.compile(r"(?<!:):(\w+)")
+#: The parameters of the finish statement (:meth:`Store._finish_row`).
+_FINISH_ORDER = ("status", "response", "error", "now", "now", "id", "owner")
 
 
 def _now() -> float:
@@ -92,6 +100,19 @@ class Store:
         """SQL text with ``:name`` parameters in the driver's style."""
         return text
 
+    #: The driver's positional parameter.
+    _marker = "?"
+
+    def _positional(self, text: str, order: Sequence[str]) -> str:
+        """SQL text whose ``:name`` parameters, read left to right, are
+        ``order``, with positional parameters: its values are given as a
+        tuple in that order (binding by position skips a name lookup per
+        value; the hot path's statements are written this way)."""
+        found = _PARAMETER.findall(text)
+        if tuple(found) != tuple(order):
+            raise AssertionError(f"parameters {found} are not in the order {order}")
+        return _PARAMETER.sub(lambda m: self._marker, text)
+
     def _writer_lock(self) -> AbstractContextManager[Any]:
         """Held around every write transaction of this process."""
         raise NotImplementedError
@@ -104,7 +125,7 @@ class Store:
         """
         raise NotImplementedError
 
-    def _execute_single(self, sql: str, params: dict[str, Any]) -> int:
+    def _execute_single(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> int:
         """Run one write statement on its own; return its row count."""
         with self._raw(single=True) as cur:
             cur.execute(sql, params)
@@ -155,41 +176,49 @@ class Store:
 
     def _prepare(self) -> None:
         sql = self._sql
+        bind = self._positional
         step_cols = _STEP_INSERT_COLUMNS
-        self._sql_insert_run = sql(
-            f"INSERT INTO durable_runs ({', '.join(_RUN_COLUMNS)})"
-            f" VALUES ({', '.join(':' + c for c in _RUN_COLUMNS)})"
+        values = ", ".join(":" + c for c in _RUN_COLUMNS)
+        self._sql_insert_run = bind(
+            f"INSERT INTO durable_runs ({', '.join(_RUN_COLUMNS)}) VALUES ({values})",
+            _RUN_COLUMNS,
         )
-        self._sql_insert_step = sql(
+        self._sql_insert_step = bind(
             f"INSERT INTO durable_steps ({', '.join(step_cols)})"
-            f" VALUES ({', '.join(':' + c for c in step_cols)})"
+            f" VALUES ({', '.join(':' + c for c in step_cols)})",
+            step_cols,
         )
+        # The step's values, then the WHERE clause's: see _step_row().
         sets = ", ".join(f"{c} = :{c}" for c in _SETTABLE_STEP_COLUMNS)
-        self._sql_update_step = sql(
-            f"UPDATE durable_steps SET {sets}"
-            " WHERE run_id = :run_id AND step_id = :step_id"
+        self._sql_update_step = bind(
+            f"UPDATE durable_steps SET {sets} WHERE run_id = :run_id"
+            " AND step_id = :step_id",
+            (*_SETTABLE_STEP_COLUMNS, "run_id", "step_id"),
         )
-        owned = (
-            " EXISTS (SELECT 1 FROM durable_runs"
-            " WHERE id = :run_id AND lease_owner = :owner)"
+        # Written only while the lease is ours: the run_id inserted is the
+        # fenced run's own id.
+        self._sql_insert_step_fenced = bind(
+            f"INSERT INTO durable_steps ({', '.join(STEP_COLUMNS)}, run_id)"
+            f" SELECT {self._select_values(STEP_COLUMNS)}, id FROM durable_runs"
+            " WHERE id = :run_id AND lease_owner = :owner",
+            (*STEP_COLUMNS, "run_id", "owner"),
         )
-        self._sql_insert_step_fenced = sql(
-            f"INSERT INTO durable_steps ({', '.join(step_cols)})"
-            f" SELECT {self._select_values(step_cols)} WHERE{owned}"
+        self._sql_update_step_fenced = bind(
+            f"UPDATE durable_steps SET {sets} WHERE run_id = :run_id"
+            " AND step_id = :step_id AND EXISTS (SELECT 1 FROM durable_runs"
+            " WHERE id = durable_steps.run_id AND lease_owner = :owner)",
+            (*_SETTABLE_STEP_COLUMNS, "run_id", "step_id", "owner"),
         )
-        self._sql_update_step_fenced = sql(
-            f"UPDATE durable_steps SET {sets}"
-            f" WHERE run_id = :run_id AND step_id = :step_id AND{owned}"
-        )
-        self._sql_fence = sql(
+        self._sql_fence = bind(
             "UPDATE durable_runs SET updated_at = :now"
-            " WHERE id = :id AND lease_owner = :owner"
+            " WHERE id = :id AND lease_owner = :owner",
+            ("now", "id", "owner"),
         )
         self._sql_renew = sql(
             "UPDATE durable_runs SET lease_expires_at = :expires"
             " WHERE id = :id AND lease_owner = :owner"
         )
-        self._sql_finish = sql(self._finish_text())
+        self._sql_finish = bind(self._finish_text(), _FINISH_ORDER)
         park = (
             "UPDATE durable_runs SET status = :status, due_at = :due,"
             " lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
@@ -206,7 +235,9 @@ class Store:
             f"SELECT {', '.join(STEP_COLUMNS)} FROM durable_steps"
             " WHERE run_id = :run_id ORDER BY seq"
         )
-        self._sql_delete_waits = sql("DELETE FROM durable_waits WHERE run_id = :id")
+        self._sql_delete_waits = bind(
+            "DELETE FROM durable_waits WHERE run_id = :id", ("id",)
+        )
 
     def _select_values(self, columns: Sequence[str]) -> str:
         """The values of an ``INSERT ... SELECT`` (typed where needed)."""
@@ -214,6 +245,7 @@ class Store:
 
     @staticmethod
     def _finish_text(source: str = "") -> str:
+        """The finish statement; its parameters are :data:`_FINISH_ORDER`."""
         return (
             "UPDATE durable_runs SET status = :status, response = :response,"
             " error = :error, finished_at = :now, updated_at = :now, due_at = NULL,"
@@ -257,63 +289,98 @@ class Store:
 
     # -- parameters ------------------------------------------------------------
 
-    def _run_params(self, run: NewRun, now: float, **state: Any) -> dict[str, Any]:
-        """The row of a new run; ``state`` sets status, due time, lease or
-        final response."""
-        params = {
-            "id": run.id,
-            "app_id": run.app_id,
-            "endpoint": run.endpoint,
-            "status": "running",
-            "attempt": 0,
-            "version": 0,
-            "created_at": run.created_at,
-            "updated_at": now,
-            "finished_at": None,
-            "due_at": run.created_at,
-            "deadline": run.deadline,
+    def _run_row(
+        self,
+        run: NewRun,
+        now: float,
+        status: str = "running",
+        due_at: float | None = None,
+        *,
+        leased: bool = True,
+        response: bytes | None = None,
+        error: str | None = None,
+        finished_at: float | None = None,
+    ) -> tuple[Any, ...]:
+        """The row of a new run, in the order of its columns: running and
+        leased (written with its first checkpoint), or parked or finished
+        (``leased=False``)."""
+        return (
+            run.id,
+            run.app_id,
+            run.endpoint,
+            status,
+            0,  # attempt
+            0,  # version
+            run.created_at,
+            now,  # updated_at
+            finished_at,
+            due_at,
+            run.deadline,
             # The lease starts when the row is written, not when the request
             # began: a first step longer than the lease keeps its run.
-            "lease_owner": run.owner,
-            "lease_expires_at": now + self.lease_seconds,
-            "cancel_requested": False,
-            "idempotency_key": run.idempotency_key,
-            "request_hash": run.request_hash,
-            "idempotency_expires_at": run.idempotency_expires_at,
-            "request": run.request,
-            "response": None,
-            "error": None,
-        }
-        if state:
-            params.update(state)
-        return params
+            run.owner if leased else None,
+            now + self.lease_seconds if leased else None,
+            False,  # cancel_requested
+            run.idempotency_key,
+            run.request_hash,
+            run.idempotency_expires_at,
+            run.request,
+            response,
+            error,
+        )
+
+    def _run_params(self, run: NewRun, now: float) -> dict[str, Any]:
+        """The row of a new, running and leased run, by column name."""
+        return dict(
+            zip(
+                _RUN_COLUMNS,
+                self._run_row(run, now, due_at=run.created_at),
+                strict=True,
+            )
+        )
 
     @staticmethod
-    def _step_params(run_id: str, rec: StepRecord) -> dict[str, Any]:
-        return {
-            "run_id": run_id,
-            "step_id": rec.step_id,
-            "seq": rec.seq,
-            "status": rec.status,
-            "attempts": rec.attempts,
-            "output": rec.output,
-            "error": rec.error,
-            "due_at": rec.due_at,
-            "started_at": rec.started_at,
-            "finished_at": rec.finished_at,
-            "history": rec.history,
-        }
+    def _step_row(run_id: str, rec: StepRecord) -> tuple[Any, ...]:
+        """A step's row, in the order of ``_STEP_INSERT_COLUMNS``."""
+        return (
+            run_id,
+            rec.step_id,
+            rec.seq,
+            rec.status,
+            rec.attempts,
+            rec.output,
+            rec.error,
+            rec.due_at,
+            rec.started_at,
+            rec.finished_at,
+            rec.history,
+        )
 
-    def _finish_params(self, f: Finish, now: float) -> dict[str, Any]:
-        return {
-            "status": f.status,
-            "response": f.response,
-            "error": f.error,
-            "now": now,
-            "id": f.run_id,
-            "owner": f.owner,
-            "channel": FINISHED_CHANNEL,
-        }
+    @staticmethod
+    def _step_update(run_id: str, rec: StepRecord) -> tuple[Any, ...]:
+        """The parameters of the step update statements (without the owner)."""
+        return (
+            rec.seq,
+            rec.status,
+            rec.attempts,
+            rec.output,
+            rec.error,
+            rec.due_at,
+            rec.started_at,
+            rec.finished_at,
+            rec.history,
+            run_id,
+            rec.step_id,
+        )
+
+    def _step_params(self, run_id: str, rec: StepRecord) -> dict[str, Any]:
+        """A step's row by column name."""
+        return dict(zip(_STEP_INSERT_COLUMNS, self._step_row(run_id, rec), strict=True))
+
+    @staticmethod
+    def _finish_row(f: Finish, now: float) -> tuple[Any, ...]:
+        """The parameters of the finish statement (:data:`_FINISH_ORDER`)."""
+        return (f.status, f.response, f.error, now, now, f.run_id, f.owner)
 
     # -- driver errors ------------------------------------------------------------
 
@@ -365,12 +432,32 @@ class Store:
         if intent.new_run is None and len(intent.inserts) + len(intent.updates) == 1:
             # One fenced statement: written only while we hold the lease.
             if intent.inserts:
-                sql, rec = self._sql_insert_step_fenced, intent.inserts[0]
-            else:
-                sql, rec = self._sql_update_step_fenced, intent.updates[0]
-            params = self._step_params(intent.run_id, rec)
-            params["owner"] = intent.owner
-            return self._execute_single(sql, params) == 1
+                rec = intent.inserts[0]
+                return (
+                    self._execute_single(
+                        self._sql_insert_step_fenced,
+                        (
+                            rec.step_id,
+                            rec.seq,
+                            rec.status,
+                            rec.attempts,
+                            rec.output,
+                            rec.error,
+                            rec.due_at,
+                            rec.started_at,
+                            rec.finished_at,
+                            rec.history,
+                            intent.run_id,
+                            intent.owner,
+                        ),
+                    )
+                    == 1
+                )
+            params = (
+                *self._step_update(intent.run_id, intent.updates[0]),
+                intent.owner,
+            )
+            return self._execute_single(self._sql_update_step_fenced, params) == 1
         if intent.new_run is not None and len(intent.inserts) == 1:
             if self._insert_run_and_step(intent):
                 return True
@@ -384,15 +471,16 @@ class Store:
 
     def _write_lone_finish(self, f: Finish) -> bool:
         """A final response with nothing else to write."""
-        return (
-            self._execute_single(self._sql_finish, self._finish_params(f, _now())) == 1
-        )
+        return self._execute_single(self._sql_finish, self._finish_row(f, _now())) == 1
 
     def _raw_checkpoint(self, cur: Any, c: Checkpoint, now: float) -> bool:
         if c.new_run is not None:
-            cur.execute(self._sql_insert_run, self._run_params(c.new_run, now))
+            run = c.new_run
+            cur.execute(
+                self._sql_insert_run, self._run_row(run, now, due_at=run.created_at)
+            )
         else:
-            cur.execute(self._sql_fence, {"now": now, "id": c.run_id, "owner": c.owner})
+            cur.execute(self._sql_fence, (now, c.run_id, c.owner))
             if cur.rowcount != 1:
                 return False
         self._raw_steps(cur, c.run_id, c.inserts, c.updates)
@@ -402,26 +490,24 @@ class Store:
         if f.new_run is not None:
             cur.execute(
                 self._sql_insert_run,
-                self._run_params(
+                self._run_row(
                     f.new_run,
                     now,
-                    status=f.status,
+                    f.status,
+                    leased=False,
                     response=f.response,
                     error=f.error,
                     finished_at=now,
-                    due_at=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
                 ),
             )
             if f.notify:
                 self._raw_notify(cur, FINISHED_CHANNEL, f.run_id)
         else:
-            cur.execute(self._finish_sql(f.notify), self._finish_params(f, now))
+            cur.execute(self._finish_sql(f.notify), self._finish_row(f, now))
             if cur.rowcount != 1:
                 return False
             if f.waits_possible:
-                cur.execute(self._sql_delete_waits, {"id": f.run_id})
+                cur.execute(self._sql_delete_waits, (f.run_id,))
         self._raw_steps(cur, f.run_id, f.inserts, f.updates)
         return True
 
@@ -440,9 +526,9 @@ class Store:
         updates: Sequence[StepRecord],
     ) -> None:
         for rec in inserts:
-            cur.execute(self._sql_insert_step, self._step_params(run_id, rec))
+            cur.execute(self._sql_insert_step, self._step_row(run_id, rec))
         for rec in updates:
-            cur.execute(self._sql_update_step, self._step_params(run_id, rec))
+            cur.execute(self._sql_update_step, self._step_update(run_id, rec))
 
     def write_batch(self, intents: Sequence[Checkpoint | Finish]) -> set[str]:
         """Commit checkpoints and final responses of many runs in one
@@ -460,15 +546,14 @@ class Store:
                     if not self._raw_finish(cur, intent, now):
                         lost.add(run_id)
                     continue
-                if intent.new_run is not None:
+                run = intent.new_run
+                if run is not None:
                     cur.execute(
-                        self._sql_insert_run, self._run_params(intent.new_run, now)
+                        self._sql_insert_run,
+                        self._run_row(run, now, due_at=run.created_at),
                     )
                 elif run_id not in fenced:
-                    cur.execute(
-                        self._sql_fence,
-                        {"now": now, "id": run_id, "owner": intent.owner},
-                    )
+                    cur.execute(self._sql_fence, (now, run_id, intent.owner))
                     if cur.rowcount != 1:
                         lost.add(run_id)
                         continue
@@ -497,14 +582,7 @@ class Store:
         if s.new_run is not None:
             cur.execute(
                 self._sql_insert_run,
-                self._run_params(
-                    s.new_run,
-                    now,
-                    status=s.status,
-                    due_at=due,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                ),
+                self._run_row(s.new_run, now, s.status, due, leased=False),
             )
         else:
             params = {"id": s.run_id, "owner": s.owner, "version": s.version}
@@ -899,16 +977,103 @@ class Store:
             query = query.where(runs.c.endpoint == endpoint)
         if before is not None:
             query = query.where(runs.c.id < before)
-        if q is not None:
-            query = query.where(
-                sa.or_(
-                    runs.c.id == q,
-                    runs.c.idempotency_key == q,
-                    runs.c.idempotency_key.endswith("\x1f" + q, autoescape=True),
+        query = query.order_by(runs.c.id.desc()).limit(limit)
+        if q is None:
+            with self.read() as conn:
+                return list(conn.execute(query))
+        # Two queries rather than one OR: the id is found by the primary key,
+        # the key by the partial index over the runs that hold one (the
+        # scoped form "<caller>\x1f<key>" is matched on that index alone).
+        by_id = query.where(runs.c.id == q)
+        by_key = query.where(
+            runs.c.idempotency_key.isnot(None),
+            sa.or_(
+                runs.c.idempotency_key == q,
+                runs.c.idempotency_key.endswith("\x1f" + q, autoescape=True),
+            ),
+        )
+        with self.read() as conn:
+            found = {r.id: r for r in conn.execute(by_id)}
+            found.update((r.id, r) for r in conn.execute(by_key))
+        return sorted(found.values(), key=lambda r: r.id, reverse=True)[:limit]
+
+    def backlog(self) -> Backlog:
+        """The unfinished runs of this app by status, and those due now
+        that no process holds. Reads unfinished runs only (through the
+        partial index on ``due_at``), however many finished runs the table
+        keeps."""
+        now = _now()
+        free = sa.or_(runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now)
+        due = sa.and_(runs.c.due_at <= now, free)
+        query = (
+            sa.select(
+                runs.c.status,
+                sa.func.count(),
+                sa.func.count(sa.case((due, 1))),
+                sa.func.min(sa.case((due, runs.c.due_at))),
+            )
+            .where(runs.c.due_at.is_not(None), runs.c.app_id == self.app_id)
+            .group_by(runs.c.status)
+        )
+        with self.read() as conn:
+            rows = conn.execute(query).all()
+        oldest = [row[3] for row in rows if row[3] is not None]
+        return Backlog(
+            by_status={row[0]: int(row[1]) for row in rows},
+            due=sum(int(row[2]) for row in rows),
+            oldest_due_at=min(oldest) if oldest else None,
+        )
+
+    def insert_scheduled(
+        self,
+        new_runs: Sequence[NewRun],
+        new_waits: Sequence[tuple[str, WaitSpec]] = (),
+    ) -> list[str]:
+        """Insert runs due now, unleased (function runs), with waits
+        ``(run_id, wait)`` of theirs, in one transaction; a run whose id
+        exists already is left as it is (and gets no waits).
+
+        :returns: the ids of the runs this call inserted (one that another
+            process inserted at the same instant may be listed too: the
+            list is for waking schedulers, never for counting).
+        """
+        if not new_runs:
+            return []
+        now = _now()
+        rows = [
+            dict(
+                zip(
+                    _RUN_COLUMNS,
+                    self._run_row(run, now, "scheduled", now, leased=False),
+                    strict=True,
                 )
             )
-        with self.read() as conn:
-            return list(conn.execute(query.order_by(runs.c.id.desc()).limit(limit)))
+            for run in new_runs
+        ]
+        ids = [run.id for run in new_runs]
+        with self.begin() as conn:
+            existing = set(
+                conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(ids))).scalars()
+            )
+            fresh = [row for row in rows if row["id"] not in existing]
+            if fresh:
+                insert = (
+                    sqlite_insert(runs)
+                    if self.engine.dialect.name == "sqlite"
+                    else postgresql_insert(runs)
+                )
+                conn.execute(insert.on_conflict_do_nothing(), fresh)
+                ids_fresh = {row["id"] for row in fresh}
+                wait_rows = [
+                    self._wait_params(run_id, wait)
+                    for run_id, wait in new_waits
+                    if run_id in ids_fresh
+                ]
+                if wait_rows:
+                    conn.execute(waits.insert(), wait_rows)
+                for row in fresh:
+                    self._notify(conn, WAKE_CHANNEL, row["id"])
+        return [row["id"] for row in fresh]
 
     # -- idempotency ------------------------------------------------------------
 
@@ -1188,6 +1353,20 @@ class Store:
                 conn.execute(meta.insert().values(key=key, value=value))
         except IntegrityError:
             pass
+
+    def meta_value(self, key: str, default: str) -> str:
+        """The value stored under ``key`` (64 characters at most), storing
+        ``default`` first when there is none: every process reads the value
+        of the first one to ask."""
+        with self.begin() as conn:
+            found = conn.execute(sa.select(meta.c.value).where(meta.c.key == key))
+            value = found.scalar()
+            if value is None:
+                self._insert_meta(conn, key, default)
+                value = conn.execute(
+                    sa.select(meta.c.value).where(meta.c.key == key)
+                ).scalar_one()
+            return str(value)
 
     def secret(self) -> str:
         """A random secret shared by every process using this database, for

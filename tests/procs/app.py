@@ -96,6 +96,37 @@ def broken_effect(job: str) -> dict[str, Any]:
     return effect(job, "b")
 
 
+@durable.function("fn-work", event="job/go")
+def fn_work(event: dict[str, Any]) -> Any:
+    """A 3-step function; ``block`` holds step ``two`` (killed meanwhile)."""
+    job = event["data"]["job"]
+    block = event["data"].get("block", False)
+    one = step.run("one", effect, job, "one")
+    two = step.run("two", effect, job, "two", block=block)
+    three = step.run("three", effect, job, "three")
+    return {
+        "job": job,
+        "pid": os.getpid(),
+        "steps": {"one": one, "two": two, "three": three},
+    }
+
+
+def fn_tick(event: dict[str, Any]) -> Any:
+    """Every minute: one run per tick across every process (registered
+    only with ``DURABLE_TEST_CRON=1``; logs to ``ticks.log``)."""
+    line = json.dumps({"tick": event["id"], "run": current_run.id, "pid": os.getpid()})
+    fd = os.open(TEST_DIR / "ticks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+    return event["id"]
+
+
+if os.environ.get("DURABLE_TEST_CRON") == "1":
+    durable.function("fn-tick", cron="* * * * *")(fn_tick)
+
+
 def create_app() -> Flask:
     app = Flask(__name__, instance_path=str(TEST_DIR / "instance"))
     db = os.environ["DURABLE_TEST_DB"]

@@ -235,6 +235,13 @@ def send_events() -> Response:
     return json_response(202, ids=get_lifecycle().send_events(checked))
 
 
+@blueprint.get("/flow")
+def flow_usage() -> Response:
+    """Each flow-control key with unfinished runs: how many execute and how
+    many wait for a slot."""
+    return json_response(200, keys=get_lifecycle().flow_usage())
+
+
 @blueprint.get("/csrf")
 def csrf() -> Response:
     """A CSRF token for scripts (the cookie it goes with is set too)."""

@@ -107,6 +107,29 @@ def runs_command(
         )
 
 
+@durable_cli.command("flow")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_appcontext
+def flow_command(as_json: bool) -> None:
+    """Show each flow-control key's running and queued runs."""
+    usage = get_lifecycle().flow_usage()
+    if as_json:
+        click.echo(_json({"keys": usage}))
+        return
+    if not usage:
+        click.echo("no runs under flow-control limits")
+        return
+    table = [("KEY", "RUNNING", "QUEUED", "LIMIT")]
+    for u in usage:
+        limit = "" if u["limit"] is None else str(u["limit"])
+        table.append((u["key"], str(u["running"]), str(u["queued"]), limit))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        click.echo(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 @durable_cli.command("show")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from .durations import parse_duration
+from .flow import FlowControl
 
 #: Every configuration key and its default.
 DEFAULTS: dict[str, Any] = {
@@ -385,9 +386,12 @@ class EndpointOptions:
     :ivar timeout_seconds: cancel runs older than this (``None``: never).
     :ivar checkpoint: ``"sync"`` or ``"async"`` (``None``:
         ``DURABLE_CHECKPOINT``).
+    :ivar flow: its flow-control limits (:mod:`flask_durable.flow`).
     """
 
     retries: int | None = None
     id: str | None = None
     timeout_seconds: float | None = None
     checkpoint: Literal["sync", "async"] | None = None
+    #: Concurrency, throttle and rate limits (``None``: none).
+    flow: FlowControl | None = None

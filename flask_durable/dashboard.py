@@ -162,6 +162,7 @@ def index() -> tuple[str, int]:
             endpoints=endpoints,
             error=error,
             now=time.time(),
+            flow=lifecycle.flow_usage() if not cursor else [],
         ),
         400 if error else 200,
     )

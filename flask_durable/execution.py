@@ -147,6 +147,8 @@ class Execution:
         #: The control-flow signal last raised to the view, until it left
         #: the view (a view that swallows one gets a clear error).
         self.interrupt: _Interrupt | None = None
+        #: Publishes this run's stream events (``step.stream``), once used.
+        self.publisher: Any = None
         #: Set once the final response is handed to the committer: a lease
         #: the heartbeat finds gone then ended with that write.
         self.finishing = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -14,6 +15,7 @@ from flask import request
 from .access import AccessRule, AuthCallback
 from .config import Config, EndpointOptions
 from .durations import Duration, parse_duration
+from .flow import parse_flow
 from .functions import (
     DurableFunction,
     compile_expression,
@@ -30,6 +32,14 @@ if TYPE_CHECKING:
     from flask import Flask
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _request_key(key: Any, what: str) -> Callable[..., Any]:
+    """An endpoint's limit key: a callable of the request."""
+    if not callable(key):
+        raise ValueError(f"an endpoint's {what} must be a callable of the request")
+    return key
+
 
 _FUNCTION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 
@@ -130,6 +140,9 @@ class Durable:
         id: str | None = None,
         timeout: Duration | None = None,
         checkpoint: Literal["sync", "async"] | None = None,
+        concurrency: int | dict[str, Any] | None = None,
+        throttle: dict[str, Any] | None = None,
+        rate_limit: dict[str, Any] | None = None,
     ) -> Callable[[F], F]: ...
 
     def endpoint(
@@ -140,6 +153,9 @@ class Durable:
         id: str | None = None,
         timeout: Duration | None = None,
         checkpoint: Literal["sync", "async"] | None = None,
+        concurrency: int | dict[str, Any] | None = None,
+        throttle: dict[str, Any] | None = None,
+        rate_limit: dict[str, Any] | None = None,
     ) -> F | Callable[[F], F]:
         """Make a view durable. Use bare or with options::
 
@@ -154,6 +170,16 @@ class Durable:
             long; waiters get ``504``.
         :param checkpoint: ``"sync"`` or ``"async"`` for this endpoint
             (default ``DURABLE_CHECKPOINT``).
+        :param concurrency: at most this many runs executing at once
+            (sleeping and waiting runs do not count), or ``{"limit": n,
+            "key": fn}`` per value of ``fn(request)``. A request over the
+            limit is answered ``303`` to its wait URL (``202`` with
+            ``Prefer: respond-async``) and its run starts when a slot frees.
+        :param throttle: ``{"limit": n, "period": d, "burst": b, "key":
+            fn}``: runs start at most ``n`` per period; the others queue.
+        :param rate_limit: ``{"limit": n, "period": d, "key": fn}``:
+            requests beyond ``n`` per period are answered ``429`` with
+            ``Retry-After``, before any step runs.
         :raises ValueError: for a bad option, or an ``id`` another view of
             this extension already uses (ids without ``id=`` are checked when
             the app starts: two endpoints sharing one id are a
@@ -169,14 +195,26 @@ class Durable:
             raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
         if id is not None and (not isinstance(id, str) or not id or len(id) > 255):
             raise ValueError(f"id must be a string of 1 to 255 characters, not {id!r}")
-        options = EndpointOptions(
-            retries=retries,
-            id=id,
-            timeout_seconds=None if timeout is None else parse_duration(timeout),
-            checkpoint=checkpoint,
+
+        timeout_seconds = None if timeout is None else parse_duration(timeout)
+        flow = parse_flow(
+            f"endpoint {id or ''!r}".replace(" ''", ""),
+            id or "",
+            concurrency,
+            throttle,
+            rate_limit,
+            _request_key,
         )
 
         def decorator(view: F) -> F:
+            scope = id or f"{view.__module__}.{view.__qualname__}"
+            options = EndpointOptions(
+                retries=retries,
+                id=id,
+                timeout_seconds=timeout_seconds,
+                checkpoint=checkpoint,
+                flow=None if flow is None else dataclasses.replace(flow, scope=scope),
+            )
             if id is not None:
                 code = getattr(view, "__code__", None)
                 taken = self._ids.setdefault(id, code)  # type: ignore[arg-type]
@@ -212,6 +250,10 @@ class Durable:
         idempotency: str | Callable[[dict[str, Any]], Any] | None = None,
         timeouts: dict[str, Duration] | None = None,
         cancel_on: Sequence[dict[str, Any]] | None = None,
+        concurrency: int | dict[str, Any] | None = None,
+        throttle: dict[str, Any] | None = None,
+        rate_limit: dict[str, Any] | None = None,
+        priority: dict[str, Any] | None = None,
     ) -> Callable[[Callable[[dict[str, Any]], Any]], DurableFunction]:
         """Register a durable function, started by events or a schedule::
 
@@ -250,6 +292,15 @@ class Durable:
             incoming event's field equals the triggering event's) and/or
             ``"if"``: a CEL expression over ``event`` and ``async`` (the
             incoming event), or a callable taking both.
+        :param concurrency: at most ``n`` runs executing at once, or
+            ``{"limit": n, "key": expr}`` per value of ``expr`` (over
+            ``event``); the others wait in a queue (status ``queued``).
+        :param throttle: ``{"limit": n, "period": d, "burst": b, "key":
+            expr}``: runs start at most ``n`` per period; none is dropped.
+        :param rate_limit: ``{"limit": n, "period": d, "key": expr}``:
+            events beyond ``n`` per period start no run.
+        :param priority: ``{"run": expr}``: a run goes that many seconds
+            ahead in its queue (negative: behind).
         :raises ValueError: a bad id, trigger, expression or option, or an
             id already taken; the message names the function.
         """
@@ -280,6 +331,20 @@ class Durable:
         finish, start = timeouts.get("finish"), timeouts.get("start")
         rules = make_cancel_rules(id, cancel_on)
 
+        def event_key(key: Any, what: str) -> Callable[..., Any]:
+            return compile_expression(key, id, what)
+
+        flow = parse_flow(
+            f"function {id!r}", id, concurrency, throttle, rate_limit, event_key
+        )
+        if priority is not None and (
+            not isinstance(priority, dict) or set(priority) != {"run"}
+        ):
+            raise ValueError(
+                f"function {id!r}: priority is {{'run': expression}}, not {priority!r}"
+            )
+        ahead = None if priority is None else event_key(priority["run"], "priority")
+
         def decorator(fn: Callable[[dict[str, Any]], Any]) -> DurableFunction:
             if id in self._functions and self._functions[id].fn is not fn:
                 raise ValueError(f"durable function id {id!r} is already used")
@@ -292,6 +357,8 @@ class Durable:
                 timeout_seconds=None if finish is None else parse_duration(finish),
                 cancel_on=rules,
                 start_seconds=None if start is None else parse_duration(start),
+                flow=flow,
+                priority=ahead,
             )
             functools.update_wrapper(durable_fn, fn)
             self._functions[id] = durable_fn

@@ -193,6 +193,10 @@ class DurableFunction:
     cancel_on: tuple[CancelRule, ...] = ()
     #: Seconds a run may wait before it starts (``timeouts["start"]``).
     start_seconds: float | None = None
+    #: Concurrency, throttle and rate limits.
+    flow: Any = None
+    #: Seconds ahead in its queue a run of an event goes (``priority``).
+    priority: Callable[[dict[str, Any]], Any] | None = None
     #: The event names that start it.
     events: frozenset[str] = field(init=False)
 

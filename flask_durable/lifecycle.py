@@ -20,6 +20,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -39,6 +40,7 @@ from flask import (
     request,
     url_for,
 )
+from sqlalchemy.exc import IntegrityError
 
 from . import signals
 from .access import AccessRule
@@ -56,6 +58,7 @@ from .durations import to_datetime
 from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
 from .events import Event, EventBus
 from .execution import Execution, StepObserver, ViewCaller, swallowed_error
+from .flow import FlowControl
 from .functions import (
     CANCEL_PREFIX,
     FINISHED_EVENT,
@@ -104,7 +107,14 @@ from .responses import (
 )
 from .scheduler import Scheduler
 from .serde import decode_envelope, dump_json, safe_text
-from .store import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, open_store
+from .store import (
+    FINISHED_CHANNEL,
+    STREAM_CHANNEL,
+    UNAVAILABLE,
+    WAKE_CHANNEL,
+    open_store,
+)
+from .streams import Publisher, read_stream
 from .tokens import WaitTokens
 from .waiters import Waiters
 
@@ -182,9 +192,14 @@ class Lifecycle:
         self.access = AccessRule()
         #: The durable functions registered on this app, by id.
         self.functions: dict[str, DurableFunction] = {}
+        self._flow_limits: tuple[
+            int, dict[str, tuple[int | None, tuple[float, int] | None]]
+        ] = (-1, {})
         #: Function runs executing here that a ``step.invoke`` started.
         self._invoked: set[str] = set()
         self.waiters = Waiters()
+        #: Stream readers of this process, woken when a run publishes.
+        self.streams = Waiters()
         # A delivered event is a step's output: the smaller limit holds.
         max_event, key = min(
             (config.max_event_size, "DURABLE_MAX_EVENT_SIZE"),
@@ -230,6 +245,7 @@ class Lifecycle:
             self.new_owner,
             self.endpoints,
         )
+        self.scheduler.admit = self._admit
         self.scheduler.chores.append(self._repair_chore)
 
     # -- the process ----------------------------------------------------------
@@ -296,8 +312,11 @@ class Lifecycle:
     def _on_notify(self, channel: str, run_id: str) -> None:
         if channel == FINISHED_CHANNEL:
             self.waiters.notify(run_id)
+            self.streams.notify(run_id)
         elif channel == WAKE_CHANNEL:
             self.scheduler.wake_now(run_id)
+        elif channel == STREAM_CHANNEL:
+            self.streams.notify(run_id)
 
     def _wake(self, run_id: str) -> None:
         self.scheduler.wake_now(run_id)
@@ -390,6 +409,8 @@ class Lifecycle:
         if ticket is None:
             try:
                 started = self._start(options)
+                if not isinstance(started, Response) and _wants_stream():
+                    return self._detach_to_stream(started)
             except UNAVAILABLE as e:
                 return unavailable(e)
             if isinstance(started, Response):
@@ -499,6 +520,13 @@ class Lifecycle:
             owner=self.new_owner(),
             request=capture_request(environ, body, self.storage),
         )
+        flow = options.flow
+        if flow is not None:
+            limited = self._flow_intake(flow)
+            if isinstance(limited, Response):
+                return limited
+            if limited is not None:
+                run = dataclasses.replace(run, flow_key=limited)
         key = environ.get(_IDEMPOTENCY_ENVIRON)
         stored = False
         if key is not None:
@@ -525,11 +553,28 @@ class Lifecycle:
             repeat = self._idempotent_repeat(endpoint, scoped, request_hash, now)
             if repeat is not None:
                 return repeat
-            if not self.store.try_insert_idempotent_run(run):
+            if run.flow_key is not None:
+                assert flow is not None
+                try:
+                    if not self._enter(run, flow):
+                        return self.go_wait(run_id, "queued")
+                except IntegrityError:
+                    repeat = self._idempotent_repeat(
+                        endpoint, scoped, request_hash, now
+                    )
+                    if repeat is not None:
+                        return repeat
+                    return json_response(409, error="Idempotency-Key is in use; retry")
+            elif not self.store.try_insert_idempotent_run(run):
                 repeat = self._idempotent_repeat(endpoint, scoped, request_hash, now)
                 if repeat is not None:
                     return repeat
                 return json_response(409, error="Idempotency-Key is in use; retry")
+            stored = True
+        elif run.flow_key is not None:
+            assert flow is not None
+            if not self._enter(run, flow):
+                return self.go_wait(run_id, "queued")
             stored = True
         ex = self._execution(
             options,
@@ -546,6 +591,119 @@ class Lifecycle:
         if stored:
             ex.run_stored()
         return ex
+
+    def _flow_intake(self, flow: FlowControl) -> Response | str | None:
+        """A rate limit's ``429``, or the run's flow key (``None`` when it
+        has no concurrency or throttle limit)."""
+        if flow.rate_limit is not None:
+            wait = self.store.rate_limit(
+                flow.rate_key_of(request), *flow.rate_limit.gcra
+            )
+            if wait:
+                response = json_response(
+                    429,
+                    error="rate limit reached: retry later",
+                    retry_after=round(wait, 3),
+                )
+                response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+                return response
+        return flow.flow_key(request) if flow.queues else None
+
+    def _enter(self, run: NewRun, flow: FlowControl) -> bool:
+        """Store a new run under its limits: ``True`` when it may execute
+        now, ``False`` when it is queued (a worker starts it later)."""
+        concurrency, throttle = flow.admission
+        admitted = self.store.enter(run, concurrency, throttle)
+        if not admitted:
+            self._started(run.id, run.endpoint)
+            self.scheduler.admit_soon()
+        return admitted
+
+    def flow_limits(self) -> dict[str, tuple[int | None, tuple[float, int] | None]]:
+        """The admission limits of the endpoints and functions served here,
+        by endpoint id."""
+        views = self.app.view_functions
+        size, found = self._flow_limits
+        if size == len(views):
+            return found
+        limits = {}
+        for name, view in views.items():
+            options = getattr(view, OPTIONS_ATTR, None)
+            if isinstance(options, EndpointOptions) and options.flow is not None:
+                if options.flow.queues:
+                    limits[options.id or name] = options.flow.admission
+        self._flow_limits = (len(views), limits)
+        return limits
+
+    def flow_usage(self) -> list[dict[str, Any]]:
+        """Each limit key with unfinished runs: ``key`` (the endpoint or
+        function id, then the key's value), ``endpoint``, ``running``,
+        ``queued`` (due and waiting for a slot) and ``limit``."""
+        self.ensure_schema()
+        limits = self.flow_limits()
+        return [
+            {
+                "key": row.flow_key.replace("\x1f", " / "),
+                "endpoint": row.endpoint,
+                "running": int(row.running or 0),
+                "queued": int(row.queued or 0),
+                "limit": limits.get(row.endpoint, (None, None))[0],
+            }
+            for row in self.store.flow_usage()
+        ]
+
+    def _detach_to_stream(self, ex: Execution) -> Response:
+        """Answer a request that asked for ``text/event-stream`` with its
+        run's stream at once; the run executes in a worker (of any
+        process), its final response arriving as the ``result`` event."""
+        if ex.new_run is not None:
+            self.store.insert_scheduled([ex.new_run])
+            ex.new_run = None
+        else:  # stored already (idempotency key, or admitted by a limit)
+            self.store.release(ex.id, ex.owner)
+            self.store.reschedule_now(ex.id)
+        self._started(ex.id, ex.endpoint)
+        self.scheduler.wake_now(ex.id)
+        if ex.endpoint in self.flow_limits():
+            self.scheduler.admit_soon()
+        response = self.stream_response(ex.id)
+        response.headers["Location"] = self.wait_url(ex.id)
+        return response
+
+    def publisher_for(self, ex: Execution) -> Publisher:
+        """The publisher of ``ex``'s stream (one per execution)."""
+        with self._lock:
+            if ex.publisher is None:
+                ex.publisher = Publisher(self.store, self.streams, ex.id)
+            publisher: Publisher = ex.publisher
+        return publisher
+
+    def stream_url(self, run_id: str) -> str:
+        """The run's stream URL, bound to the current request's
+        credentials (as its wait URL)."""
+        return self.wait_url(run_id).replace("/wait/", "/stream/", 1)
+
+    def stream_response(self, run_id: str, after: int = 0) -> Response:
+        """``200 text/event-stream`` of the run, from ``after`` on."""
+        events = read_stream(
+            self.store,
+            self.streams,
+            run_id,
+            after,
+            min(self.config.poll_interval, 0.25),
+            self.open_stored,
+        )
+        response = Response(events, mimetype="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.headers["Durable-Run-Id"] = run_id
+        return response
+
+    def _admit(self, most: int) -> list[Claim]:
+        limits = self.flow_limits()
+        if not limits:
+            return []
+        return self.store.admit(self.new_owner(), limits, most)
 
     def _started(self, run_id: str, endpoint: str) -> None:
         if signals.run_started.receivers:
@@ -659,6 +817,8 @@ class Lifecycle:
                 self.app, run_id=ex.id, status=signal.status, due_at=stored
             )
         self.scheduler.wake_at(ex.id, stored)
+        if ex.endpoint in self.flow_limits():
+            self.scheduler.admit_soon()  # its slot is free
         for wait in waits:
             self.events.catch_up(ex.id, wait)
         return self.go_wait(ex.id, signal.status)
@@ -741,7 +901,10 @@ class Lifecycle:
         self, run_id: str, endpoint: str, status: str, error: str | None
     ) -> None:
         self.waiters.notify(run_id)
+        self.streams.notify(run_id)
         self.scheduler.notify_finished(run_id)
+        if endpoint in self.flow_limits():
+            self.scheduler.admit_soon()  # its slot is free
         if endpoint in self.functions and (
             status != "completed" or run_id in self._invoked
         ):
@@ -934,7 +1097,10 @@ class Lifecycle:
             return
         self.functions[fn.id] = fn
         options = EndpointOptions(
-            retries=fn.retries, id=fn.id, timeout_seconds=fn.timeout_seconds
+            retries=fn.retries,
+            id=fn.id,
+            timeout_seconds=fn.timeout_seconds,
+            flow=fn.flow,
         )
 
         def call() -> Response:
@@ -1148,6 +1314,7 @@ class Lifecycle:
         prefix = self.config.url_prefix
         runs = []
         waits: list[tuple[str, WaitSpec]] = []
+        ahead: dict[str, float] = {}
         for i, event in enumerate(events):
             try:
                 run_id = (
@@ -1164,6 +1331,40 @@ class Lifecycle:
                     exc_info=True,
                 )
                 continue
+            flow_key = None
+            if fn.flow is not None:
+                try:
+                    if fn.flow.rate_limit is not None and self.store.rate_limit(
+                        fn.flow.rate_key_of(event), *fn.flow.rate_limit.gcra
+                    ):
+                        log.info(
+                            "function %s: rate limit reached; event %s skipped",
+                            fn.id,
+                            event["id"],
+                        )
+                        continue
+                    if fn.flow.queues:
+                        flow_key = fn.flow.flow_key(event)
+                except UNAVAILABLE:
+                    raise
+                except Exception:
+                    log.warning(
+                        "function %s: its limit key failed on event %s; not started",
+                        fn.id,
+                        event["id"],
+                        exc_info=True,
+                    )
+                    continue
+            if fn.priority is not None:
+                try:
+                    ahead[run_id] = float(fn.priority(event))
+                except Exception:
+                    log.warning(
+                        "function %s: its priority failed on event %s; using 0",
+                        fn.id,
+                        event["id"],
+                        exc_info=True,
+                    )
             start_by = None if fn.start_seconds is None else now + fn.start_seconds
             environ, body = function_request(prefix, fn.id, event, start_by)
             timeout = fn.timeout_seconds
@@ -1188,12 +1389,15 @@ class Lifecycle:
                     deadline=None if timeout is None else now + timeout,
                     owner="",
                     request=capture_request(environ, body, self.storage),
+                    flow_key=flow_key,
                 )
             )
-        started = self.store.insert_scheduled(runs, waits)
+        started = self.store.insert_scheduled(runs, waits, ahead)
         for run_id in started:
             self._started(run_id, fn.id)
             self.scheduler.wake_now(run_id)
+        if started and fn.flow is not None and fn.flow.queues:
+            self.scheduler.admit_soon()
         return started
 
     # -- reading ---------------------------------------------------------------
@@ -1272,6 +1476,17 @@ if hasattr(os, "register_at_fork"):
 #: How long a ``cancel_on`` rule of a function run without a finish timeout
 #: is kept (its wait row is deleted with the run in any case).
 _CANCEL_ON_HORIZON = 366 * 86400.0
+
+
+def _wants_stream() -> bool:
+    """Whether the request asks for ``text/event-stream`` first."""
+    accept = request.headers.get("Accept", "")
+    if "text/event-stream" not in accept:
+        return False
+    best = request.accept_mimetypes.best_match(
+        ["text/event-stream", "application/json", "text/html"]
+    )
+    return best == "text/event-stream"
 
 
 def get_lifecycle() -> Lifecycle:

@@ -262,6 +262,35 @@ def document(prefix: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/flow": {
+                "get": {
+                    "summary": "Each flow-control key's running and queued runs",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "keys": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "key": {"type": "string"},
+                                                "endpoint": {"type": "string"},
+                                                "running": {"type": "integer"},
+                                                "queued": {"type": "integer"},
+                                                "limit": {"type": ["integer", "null"]},
+                                            },
+                                        },
+                                    }
+                                },
+                            },
+                            "The keys",
+                        ),
+                        **_errors(403, 503),
+                    },
+                }
+            },
             "/csrf": {
                 "get": {
                     "summary": "A CSRF token (and its cookie) for POSTs",

@@ -129,6 +129,8 @@ class NewRun:
     idempotency_key: str | None = None
     request_hash: str | None = None
     idempotency_expires_at: float | None = None
+    #: The limit key, for a run under a concurrency or throttle limit.
+    flow_key: str | None = None
 
 
 @dataclass(slots=True)

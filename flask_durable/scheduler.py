@@ -83,6 +83,9 @@ class Scheduler:
         self._timers: set[str] = set()
         self._backlog = False
         self.full = False
+        #: Claims due runs under flow-control limits (up to the number
+        #: given), as far as their limits allow; set by the lifecycle.
+        self.admit: Callable[[int], list[Claim]] | None = None
         #: More work for each housekeeping pass.
         self.chores: list[Callable[[], object]] = []
         #: Cron jobs, by job id: (APScheduler trigger, callable).
@@ -238,6 +241,38 @@ class Scheduler:
             with self._lock:
                 self._inflight -= 1
 
+    def admit_soon(self) -> None:
+        """Admit queued runs now, in a pool thread (a slot may have freed,
+        or a run was queued)."""
+        pool = self._pool
+        if pool is None or self.admit is None:
+            return
+        try:
+            pool.submit(self._admit_and_resume)
+        except RuntimeError:  # pool shut down
+            pass
+
+    def _admit_and_resume(self) -> None:
+        pool, admit = self._pool, self.admit
+        if pool is None or admit is None:
+            return
+        with self._lock:
+            free = self.config.workers - self._inflight
+        try:
+            claims = admit(max(free, 1))
+        except Exception:
+            log.exception("durable admission failed; the next sweep retries")
+            return
+        for claim in claims:
+            with self._lock:
+                self._inflight += 1
+            try:
+                pool.submit(self._resume_claimed, claim)
+            except RuntimeError:
+                with self._lock:
+                    self._inflight -= 1
+                self.store.release(claim.id, claim.owner)
+
     def _resume_claimed(self, claim: Claim) -> None:
         try:
             self.resume(claim)
@@ -288,6 +323,8 @@ class Scheduler:
                 owner = self.new_owner()
                 claims = self.store.claim_due(owner, free, endpoints)
                 self._backlog = len(claims) == free
+                if self.admit is not None and len(claims) < free:
+                    claims += self.admit(free - len(claims))
                 for claim in claims:
                     with self._lock:
                         self._inflight += 1
@@ -296,7 +333,7 @@ class Scheduler:
                     except RuntimeError:
                         with self._lock:
                             self._inflight -= 1
-                        self.store.release(claim.id, owner)
+                        self.store.release(claim.id, claim.owner)
             horizon = config.poll_interval * 1.5
             for run_id, due_at in self.store.upcoming(horizon, 1000, endpoints):
                 self.wake_at(run_id, due_at)

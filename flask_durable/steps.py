@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
@@ -366,6 +366,45 @@ def send_event(step_id: str, name: str, data: Any = None, id: str | None = None)
         return sent
 
     return run(step_id, send)
+
+
+def stream(
+    step_id: str, fn: Callable[..., Iterable[Any]], *args: Any, **kwargs: Any
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)``, an iterable (a generator of model
+    tokens, say), once for this run, publishing each item to the run's
+    stream as it is produced; checkpoint and return the list of items.
+
+    Clients read the stream at ``<prefix>/stream/<token>`` (or by asking
+    the endpoint for ``text/event-stream``). On replay the stored list is
+    returned and nothing is published again. An attempt that fails
+    publishes ``reset`` for the step before the retry streams again; so
+    does a step that starts again in a resumed run (after a crash).
+
+    Items are ``str`` or JSON-like values. Retries, limits and errors are
+    those of :func:`run`.
+    """
+    ctx = get_execution("step.stream")
+    if not callable(fn):
+        raise TypeError(f"step.stream({step_id!r}, ...) needs a callable, not {fn!r}")
+    lifecycle = current_app.extensions["durable"]
+
+    def collect() -> list[Any]:
+        sid = current_step.id
+        publisher = lifecycle.publisher_for(ctx)
+        publisher.begin_step(sid)
+        items: list[Any] = []
+        try:
+            for item in fn(*args, **kwargs):
+                items.append(item)
+                publisher.publish("chunk", {"step": sid, "data": item})
+        except Exception:
+            publisher.publish("reset", {"step": sid})
+            raise
+        publisher.publish("step", {"step": sid, "status": "completed"})
+        return items
+
+    return run(step_id, collect)
 
 
 def parallel(*thunks: Callable[[], Any]) -> tuple[Any, ...]:

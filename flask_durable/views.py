@@ -6,9 +6,10 @@ from __future__ import annotations
 import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, request, send_from_directory
 
 from .events import Event, EventTooLarge
 from .lifecycle import get_lifecycle
@@ -71,6 +72,33 @@ def wait(token: str) -> Response:
     )
     response.headers["Location"] = request.path
     return response
+
+
+@blueprint.get("/stream.js")
+def stream_js() -> Response:
+    """The browser helper that reads run streams (``DurableStream``)."""
+    static = Path(__file__).parent / "static" / "durable"
+    response = send_from_directory(static, "stream.js", max_age=3600)
+    return response
+
+
+@blueprint.get("/stream/<token>")
+def stream(token: str) -> Response:
+    """The run's events as ``text/event-stream``: ``chunk``, ``step`` and
+    ``reset`` as its streaming steps publish them, then ``result`` (the
+    final response). ``Last-Event-ID`` resumes after that event; a client
+    joining late gets everything from the start."""
+    lifecycle = get_lifecycle()
+    run_id = lifecycle.tokens.unsign(token, request.headers)
+    if run_id is None:
+        return json_response(404, error="unknown, invalid or expired stream token")
+    last = request.headers.get("Last-Event-ID", "0").strip() or "0"
+    if not last.isascii() or not last.isdigit() or len(last) > 12:
+        return json_response(400, error="Last-Event-ID must be an event id")
+    lifecycle.start_in_background()
+    if lifecycle.store.get_final(run_id) is None:
+        return json_response(404, error="unknown run", run_id=run_id)
+    return lifecycle.stream_response(run_id, int(last))
 
 
 def _wait_for(run_id: str, hold: float) -> tuple[str, Response | None]:

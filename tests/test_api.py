@@ -299,6 +299,7 @@ def test_openapi_document(make_app: Any, live_server: Any) -> None:
         "/runs/{run_id}/cancel",
         "/runs/{run_id}/rewind",
         "/events",
+        "/flow",
         "/csrf",
         "/openapi.json",
     }

@@ -84,11 +84,16 @@ def _engine(url: str) -> sa.Engine:
     return sa.create_engine(url, poolclass=sa.pool.NullPool)
 
 
-def create_v1_tables(url: str) -> None:
-    """The 0.1 tables, with ``schema_version`` 1."""
+def create_v1_tables(url: str, version: int = 1) -> None:
+    """The 0.1 tables, with ``schema_version`` 1 (or those of ``version``)."""
     engine = _engine(url)
     name = "postgresql" if engine.dialect.name == "postgresql" else "sqlite"
-    text = (DATA / f"schema_v1_{name}.sql").read_text()
+    text = (DATA / f"schema_v{version}_{name}.sql").read_text()
+    if version > 1:
+        text += (
+            "\nINSERT INTO durable_meta (key, value)"
+            f" VALUES ('schema_version', '{version}');"
+        )
     lines = [line for line in text.splitlines() if not line.startswith("--")]
     statements = [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
     try:
@@ -140,7 +145,10 @@ def insert_v1_rows(url: str) -> float:
     tables.reflect(engine)
     runs, steps = tables.tables["durable_runs"], tables.tables["durable_steps"]
     waits, events = tables.tables["durable_waits"], tables.tables["durable_events"]
+    # Version 2 tables carry the app id.
+    app: dict[str, Any] = {"app_id": "shop"} if "app_id" in runs.c else {}
     run: dict[str, Any] = {
+        **app,
         "endpoint": "trip",
         "attempt": 0,
         "version": 0,
@@ -248,6 +256,7 @@ def insert_v1_rows(url: str) -> float:
             )
             conn.execute(
                 waits.insert().values(
+                    **app,
                     run_id=WAITING,
                     step_id="approval",
                     event="approved",
@@ -258,7 +267,7 @@ def insert_v1_rows(url: str) -> float:
             )
             conn.execute(
                 events.insert().values(
-                    id="ev-1", name="other", data='{"x":1}', ts=now - 10
+                    **app, id="ev-1", name="other", data='{"x":1}', ts=now - 10
                 )
             )
     finally:
@@ -313,7 +322,7 @@ def test_v1_database_is_migrated_and_its_runs_carry_on(
     with app.app_context():
         durable.start()
 
-    assert schema_version(db_url) == "2"
+    assert schema_version(db_url) == "3"
     assert "app_id" in columns(db_url, "durable_runs")
     assert "history" in columns(db_url, "durable_steps")
 
@@ -377,6 +386,31 @@ def test_v1_database_is_migrated_and_its_runs_carry_on(
     assert json.loads(info.response[2])["ev"]["data"] == {"k": 1}
 
 
+def test_v2_database_is_migrated_and_its_runs_carry_on(
+    make_app: Any, db_url: str
+) -> None:
+    """Version 2 (flask-durable 0.2 before flow control) -> 3."""
+    create_v1_tables(db_url, version=2)
+    insert_v1_rows(db_url)
+    app = make_app(DURABLE_APP_ID="shop")
+    calls = routes(app)
+    with app.app_context():
+        durable.start()
+    assert schema_version(db_url) == "3"
+    assert "flow_key" in columns(db_url, "durable_runs")
+    assert query(db_url, "SELECT COUNT(*) FROM durable_flow") == [(0,)]
+    info = wait_for_status(app, SLEEPING, "completed", timeout=15)
+    assert calls == {"charge": 1}
+    assert [s.id for s in info.steps] == ["reserve", "nap", "charge"]
+    with app.app_context():
+        finished = durable.get_run(FINISHED)
+        durable.send("approved", {"k": 1})
+    assert finished is not None and finished.status == "completed"
+    info = wait_for_status(app, WAITING, "completed", timeout=15)
+    assert info.response is not None
+    assert json.loads(info.response[2])["ev"]["data"] == {"k": 1}
+
+
 def test_apps_starting_together_migrate_once(
     make_app: Any, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -411,7 +445,7 @@ def test_apps_starting_together_migrate_once(
     assert not any(t.is_alive() for t in threads)
     assert errors == []
     assert migrations == [1]
-    assert schema_version(db_url) == "2"
+    assert schema_version(db_url) == "3"
     assert "app_id" in columns(db_url, "durable_events")
     assert {r[0] for r in query(db_url, "SELECT app_id FROM durable_runs")} == {"shop"}
     # Both apps can use the migrated tables.

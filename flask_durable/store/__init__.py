@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ..config import Config
-from .base import FINISHED_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, Store
+from .base import FINISHED_CHANNEL, STREAM_CHANNEL, UNAVAILABLE, WAKE_CHANNEL, Store
 from .schema import SCHEMA_VERSION
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "UNAVAILABLE",
     "WAKE_CHANNEL",
+    "STREAM_CHANNEL",
     "Store",
     "open_store",
 ]

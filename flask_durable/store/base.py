@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
@@ -38,7 +38,9 @@ from .schema import (
     CLAIM_COLUMNS,
     SCHEMA_VERSION,
     STEP_COLUMNS,
+    chunks,
     events,
+    flow,
     meta,
     metadata,
     migrate,
@@ -53,6 +55,8 @@ UNAVAILABLE: tuple[type[Exception], ...] = (sa.exc.DBAPIError, sa.exc.TimeoutErr
 
 #: Channel carrying the ids of runs that just finished (PostgreSQL).
 FINISHED_CHANNEL = "durable_finished"
+#: Told the id of a run whose stream has new events.
+STREAM_CHANNEL = "durable_stream"
 #: Channel carrying the ids of runs that became due now (PostgreSQL).
 WAKE_CHANNEL = "durable_wake"
 
@@ -262,7 +266,8 @@ class Store:
             return found
         endpoints = ", ".join(f":e{i}" for i in range(n))
         free = "(lease_expires_at IS NULL OR lease_expires_at < :now)"
-        mine = f"app_id = :app_id AND endpoint IN ({endpoints})"
+        # Runs under flow-control limits are started by admit() only.
+        mine = f"app_id = :app_id AND endpoint IN ({endpoints}) AND flow_key IS NULL"
         take = (
             "UPDATE durable_runs SET lease_owner = :owner, lease_expires_at = :expires,"
             " status = 'running', attempt = attempt + 1, version = version + 1,"
@@ -327,6 +332,7 @@ class Store:
             run.request,
             response,
             error,
+            run.flow_key,
         )
 
     def _run_params(self, run: NewRun, now: float) -> dict[str, Any]:
@@ -693,6 +699,254 @@ class Store:
             claimed_at=time.monotonic(),
         )
 
+    # -- streams ---------------------------------------------------------------
+
+    def next_chunk_seq(self, run_id: str) -> int:
+        """The ``seq`` the next stream event of a run takes."""
+        with self.read() as conn:
+            found = conn.execute(
+                sa.select(sa.func.max(chunks.c.seq)).where(chunks.c.run_id == run_id)
+            ).scalar()
+        return int(found or 0) + 1
+
+    def publish(self, run_id: str, seq: int, kind: str, data: str) -> None:
+        """Store one stream event of a run (and tell other processes).
+
+        Not synced to disk on its own (the step's result is, when it is
+        checkpointed): an event costs a commit, not a flush."""
+        with self.begin() as conn:
+            self._relax_commit(conn)
+            conn.execute(
+                chunks.insert().values(
+                    run_id=run_id,
+                    seq=seq,
+                    app_id=self.app_id,
+                    kind=kind,
+                    data=data,
+                    ts=_now(),
+                )
+            )
+            self._notify(conn, STREAM_CHANNEL, run_id)
+
+    def _relax_commit(self, conn: Connection) -> None:
+        """Let this transaction commit without waiting for the disk (SQLite
+        in WAL mode with ``synchronous=NORMAL`` does already)."""
+
+    def stream_events(self, run_id: str, after: int, limit: int = 500) -> list[Any]:
+        """A run's stream events with ``seq > after``: ``seq, kind, data``."""
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(chunks.c.seq, chunks.c.kind, chunks.c.data)
+                    .where(
+                        chunks.c.run_id == run_id,
+                        chunks.c.app_id == self.app_id,
+                        chunks.c.seq > after,
+                    )
+                    .order_by(chunks.c.seq)
+                    .limit(limit)
+                )
+            )
+
+    # -- flow control ------------------------------------------------------------
+
+    def _lock_key(self, conn: Connection, key: str) -> None:
+        """Serialize admissions of one flow key between processes, until
+        the transaction ends (SQLite: the write transaction already does)."""
+
+    def _gcra(
+        self,
+        conn: Connection,
+        key: str,
+        interval: float,
+        burst: int,
+        now: float,
+        n: int,
+    ) -> tuple[int, float]:
+        """Take up to ``n`` starts of the limit ``key`` (one per
+        ``interval`` seconds, ``burst`` at once), in the caller's
+        transaction.
+
+        :returns: how many were allowed, and in how many seconds the next
+            one will be.
+        """
+        found = conn.execute(
+            sa.select(flow.c.tat).where(flow.c.app_id == self.app_id, flow.c.key == key)
+        ).scalar()
+        tat = now if found is None else max(float(found), now)
+        tolerance = (burst - 1) * interval
+        allowed = 0
+        while allowed < n and tat - now <= tolerance + 1e-9:
+            tat += interval
+            allowed += 1
+        if allowed:
+            if found is None:
+                conn.execute(flow.insert().values(app_id=self.app_id, key=key, tat=tat))
+            else:
+                conn.execute(
+                    flow.update()
+                    .where(flow.c.app_id == self.app_id, flow.c.key == key)
+                    .values(tat=tat)
+                )
+        return allowed, max(0.0, tat - tolerance - now)
+
+    def rate_limit(self, key: str, interval: float, burst: int) -> float:
+        """Take one start of a rate limit: ``0.0`` when allowed, else the
+        seconds until one will be."""
+        now = _now()
+        with self.begin() as conn:
+            self._lock_key(conn, key)
+            allowed, wait = self._gcra(conn, key, interval, burst, now, 1)
+        return 0.0 if allowed else max(wait, 0.001)
+
+    def _running(self, conn: Connection, flow_key: str, now: float) -> int:
+        """Runs of ``flow_key`` executing now (leased, lease not expired)."""
+        return int(
+            conn.execute(
+                sa.select(sa.func.count())
+                .select_from(runs)
+                .where(
+                    runs.c.app_id == self.app_id,
+                    runs.c.flow_key == flow_key,
+                    runs.c.status == "running",
+                    runs.c.lease_expires_at >= now,
+                )
+            ).scalar_one()
+        )
+
+    def enter(
+        self,
+        run: NewRun,
+        concurrency: int | None,
+        throttle: tuple[float, int] | None,
+    ) -> bool:
+        """Store a new run under flow-control limits: running and leased by
+        its owner when a slot is free (``True``), else queued, due now
+        (``False``), in one transaction.
+
+        :param throttle: ``(interval, burst)``, or ``None``.
+        :raises IntegrityError: its idempotency key is taken.
+        """
+        assert run.flow_key is not None
+        now = _now()
+        with self.begin() as conn:
+            self._lock_key(conn, run.flow_key)
+            free = concurrency is None or self._running(conn, run.flow_key, now) < (
+                concurrency
+            )
+            if free and throttle is not None:
+                free = self._gcra(conn, run.flow_key, *throttle, now, 1)[0] == 1
+            if free:
+                row = self._run_row(run, now, due_at=run.created_at)
+            else:
+                row = self._run_row(run, now, "queued", now, leased=False)
+            conn.execute(runs.insert(), dict(zip(_RUN_COLUMNS, row, strict=True)))
+            if not free:
+                self._notify(conn, WAKE_CHANNEL, run.id)
+        return free
+
+    def admit(
+        self,
+        owner: str,
+        limits: dict[str, tuple[int | None, tuple[float, int] | None]],
+        most: int,
+    ) -> list[Claim]:
+        """Claim due runs under flow-control limits while their limits allow,
+        oldest first within each key: up to ``most``.
+
+        :param limits: for each endpoint (or function) this process runs,
+            its ``(concurrency, (interval, burst) or None)``.
+        """
+        if most <= 0 or not limits:
+            return []
+        now = _now()
+        free_lease = sa.or_(
+            runs.c.lease_expires_at.is_(None), runs.c.lease_expires_at < now
+        )
+        due = sa.and_(
+            runs.c.app_id == self.app_id,
+            runs.c.flow_key.isnot(None),
+            runs.c.due_at <= now,
+            free_lease,
+        )
+        with self.read() as conn:
+            keys = conn.execute(
+                sa.select(runs.c.flow_key, runs.c.endpoint)
+                .where(due, runs.c.endpoint.in_(list(limits)))
+                .group_by(runs.c.flow_key, runs.c.endpoint)
+                .limit(200)
+            ).all()
+        claims: list[Claim] = []
+        for flow_key, endpoint in keys:
+            if len(claims) >= most:
+                break
+            concurrency, throttle = limits[endpoint]
+            with self.begin() as conn:
+                self._lock_key(conn, flow_key)
+                room = most - len(claims)
+                if concurrency is not None:
+                    room = min(room, concurrency - self._running(conn, flow_key, now))
+                if room <= 0:
+                    continue
+                ids = list(
+                    conn.execute(
+                        sa.select(runs.c.id)
+                        .where(due, runs.c.flow_key == flow_key)
+                        .order_by(runs.c.due_at, runs.c.id)
+                        .limit(room)
+                    ).scalars()
+                )
+                if throttle is not None and ids:
+                    allowed, _ = self._gcra(conn, flow_key, *throttle, now, len(ids))
+                    ids = ids[:allowed]
+                if not ids:
+                    continue
+                rows = conn.execute(
+                    runs.update()
+                    .where(runs.c.id.in_(ids), due)
+                    .values(
+                        lease_owner=owner,
+                        lease_expires_at=now + self.lease_seconds,
+                        status="running",
+                        attempt=runs.c.attempt + 1,
+                        version=runs.c.version + 1,
+                        updated_at=now,
+                    )
+                    .returning(*(runs.c[c] for c in CLAIM_COLUMNS))
+                ).all()
+            claims += [self._claim(row, owner) for row in rows]
+        return claims
+
+    def flow_usage(self) -> list[Any]:
+        """Each flow key with unfinished runs: ``flow_key, endpoint,
+        running, queued`` (queued: due, not executing)."""
+        now = _now()
+        executing = sa.and_(runs.c.status == "running", runs.c.lease_expires_at >= now)
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(
+                        runs.c.flow_key,
+                        runs.c.endpoint,
+                        sa.func.sum(sa.case((executing, 1), else_=0)).label("running"),
+                        sa.func.sum(
+                            sa.case(
+                                (sa.and_(sa.not_(executing), runs.c.due_at <= now), 1),
+                                else_=0,
+                            )
+                        ).label("queued"),
+                    )
+                    .where(
+                        runs.c.app_id == self.app_id,
+                        runs.c.flow_key.isnot(None),
+                        runs.c.due_at.isnot(None),
+                    )
+                    .group_by(runs.c.flow_key, runs.c.endpoint)
+                    .order_by(runs.c.endpoint, runs.c.flow_key)
+                    .limit(1000)
+                )
+            )
+
     def renew_one(self, run_id: str, owner: str) -> bool:
         """Extend one lease now. ``False`` when ``owner`` lost the run."""
         params = {"expires": _now() + self.lease_seconds, "id": run_id, "owner": owner}
@@ -748,6 +1002,28 @@ class Store:
                 ).rowcount
                 == 1
             )
+
+    def reschedule_now(self, run_id: str) -> None:
+        """Make an unleased, unfinished run due now."""
+        now = _now()
+        with self.begin() as conn:
+            conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.app_id == self.app_id,
+                    runs.c.due_at.isnot(None),
+                    runs.c.lease_owner.is_(None),
+                )
+                .values(
+                    status=sa.case(
+                        (runs.c.status == "queued", "queued"), else_="scheduled"
+                    ),
+                    due_at=now,
+                    updated_at=now,
+                )
+            )
+            self._notify(conn, WAKE_CHANNEL, run_id)
 
     def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without changing anything else."""
@@ -1028,10 +1304,13 @@ class Store:
         self,
         new_runs: Sequence[NewRun],
         new_waits: Sequence[tuple[str, WaitSpec]] = (),
+        ahead: Mapping[str, float] | None = None,
     ) -> list[str]:
         """Insert runs due now, unleased (function runs), with waits
         ``(run_id, wait)`` of theirs, in one transaction; a run whose id
-        exists already is left as it is (and gets no waits).
+        exists already is left as it is (and gets no waits). A run with a
+        flow key is ``queued``; ``ahead`` moves runs that many seconds ahead
+        in their queue (priority).
 
         :returns: the ids of the runs this call inserted (one that another
             process inserted at the same instant may be listed too: the
@@ -1044,11 +1323,18 @@ class Store:
             dict(
                 zip(
                     _RUN_COLUMNS,
-                    self._run_row(run, now, "scheduled", now, leased=False),
+                    self._run_row(
+                        run,
+                        now,
+                        "queued" if run.flow_key is not None else "scheduled",
+                        # A microsecond apart: first in, first out.
+                        now + i * 1e-6 - (ahead or {}).get(run.id, 0.0),
+                        leased=False,
+                    ),
                     strict=True,
                 )
             )
-            for run in new_runs
+            for i, run in enumerate(new_runs)
         ]
         ids = [run.id for run in new_runs]
         with self.begin() as conn:
@@ -1291,6 +1577,7 @@ class Store:
                 return 0
             conn.execute(steps.delete().where(steps.c.run_id.in_(ids)))
             conn.execute(waits.delete().where(waits.c.run_id.in_(ids)))
+            conn.execute(chunks.delete().where(chunks.c.run_id.in_(ids)))
             return int(conn.execute(runs.delete().where(runs.c.id.in_(ids))).rowcount)
 
     # -- connections and schema -----------------------------------------------

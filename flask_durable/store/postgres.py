@@ -20,7 +20,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..records import Checkpoint, Finish
-from .base import _FINISH_ORDER, FINISHED_CHANNEL, WAKE_CHANNEL, Store, _now
+from .base import (
+    _FINISH_ORDER,
+    FINISHED_CHANNEL,
+    STREAM_CHANNEL,
+    WAKE_CHANNEL,
+    Store,
+    _now,
+)
 from .schema import STEP_COLUMNS, runs, steps
 
 
@@ -53,6 +60,15 @@ class PostgresStore(Store):
 
     def _skip_locked(self) -> str:
         return " FOR UPDATE SKIP LOCKED"
+
+    def _relax_commit(self, conn: Connection) -> None:
+        conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+
+    def _lock_key(self, conn: Connection, key: str) -> None:
+        conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": f"durable-flow\x1f{self.app_id}\x1f{key}"},
+        )
 
     def _select_values(self, columns: Any) -> str:
         # Bare parameters in a SELECT list would be typed as text.
@@ -185,6 +201,7 @@ class PostgresStore(Store):
                 with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {FINISHED_CHANNEL}")
                     conn.execute(f"LISTEN {WAKE_CHANNEL}")
+                    conn.execute(f"LISTEN {STREAM_CHANNEL}")
                     while not stop.is_set():
                         for note in conn.notifies(timeout=timeout):
                             on_notify(note.channel, note.payload)

@@ -21,7 +21,7 @@ from ..records import StepRecord
 
 #: Bump when the tables change, and teach :func:`migrate` the step; see
 #: ``docs/upgrading.rst``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -55,6 +55,9 @@ runs = sa.Table(
     sa.Column("request", sa.LargeBinary, nullable=False),
     sa.Column("response", sa.LargeBinary),
     sa.Column("error", sa.Text),
+    # Flow control (version 3): the endpoint's or function's limit key of a
+    # run under concurrency or throttle limits, else NULL.
+    sa.Column("flow_key", sa.String(255)),
     # Partial indexes: finished runs and runs without a key cost nothing.
     sa.Index(
         "ix_durable_runs_due",
@@ -71,6 +74,38 @@ runs = sa.Table(
         sqlite_where=sa.text("idempotency_key IS NOT NULL"),
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     ),
+    sa.Index(
+        "ix_durable_runs_flow",
+        "app_id",
+        "flow_key",
+        "status",
+        sqlite_where=sa.text("flow_key IS NOT NULL"),
+        postgresql_where=sa.text("flow_key IS NOT NULL"),
+    ),
+)
+
+#: What streaming steps published (version 3): ``chunk``, ``step`` and
+#: ``reset`` events of a run, in order (``seq``, per run, from 1).
+chunks = sa.Table(
+    "durable_chunks",
+    metadata,
+    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("app_id", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),
+)
+
+#: The state of each rate limit and throttle key (version 3): the next
+#: instant a start is allowed without using the burst (GCRA's theoretical
+#: arrival time).
+flow = sa.Table(
+    "durable_flow",
+    metadata,
+    sa.Column("app_id", sa.String(255), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("tat", sa.Float, nullable=False),
 )
 
 steps = sa.Table(
@@ -142,6 +177,20 @@ def migrate(conn: Connection, found: int, app_id: str) -> None:
     """
     if found < 2:
         _to_2(conn, app_id)
+    if found < 3:
+        _to_3(conn)
+
+
+def _to_3(conn: Connection) -> None:
+    """Version 2 -> 3: flow control (the runs' limit key, the limits'
+    state) and streaming (the chunks table)."""
+    conn.exec_driver_sql("ALTER TABLE durable_runs ADD COLUMN flow_key VARCHAR(255)")
+    for index in runs.indexes:
+        if index.name == "ix_durable_runs_flow":
+            index.create(conn, checkfirst=True)
+    # create_all() made them already, before the migration began.
+    flow.create(conn, checkfirst=True)
+    chunks.create(conn, checkfirst=True)
 
 
 def _to_2(conn: Connection, app_id: str) -> None:

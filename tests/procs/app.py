@@ -111,6 +111,14 @@ def fn_work(event: dict[str, Any]) -> Any:
     }
 
 
+@durable.function(
+    "fn-throttled", event="throttle/go", throttle={"limit": 10, "period": "1s"}
+)
+def fn_throttled(event: dict[str, Any]) -> Any:
+    """Starts at most 10 a second, across every process."""
+    return step.run("work", effect, event["data"]["job"], "work")
+
+
 def fn_tick(event: dict[str, Any]) -> Any:
     """Every minute: one run per tick across every process (registered
     only with ``DURABLE_TEST_CRON=1``; logs to ``ticks.log``)."""
@@ -236,6 +244,41 @@ def create_app() -> Flask:
         a = step.run("a", effect, job, "a")
         b = step.run("b", broken_effect, job)
         return jsonify(job=job, pid=os.getpid(), steps={"a": a, "b": b})
+
+    @app.post("/limited")
+    @durable.endpoint(concurrency={"limit": 3, "key": lambda r: "one-key"})
+    def limited() -> Any:
+        """At most 3 runs execute at once across every process; ``block``
+        holds the step (the test kills the process meanwhile)."""
+        body = request.get_json()
+        job = body["job"]
+        work = step.run(
+            "work",
+            effect,
+            job,
+            "work",
+            sleep=body.get("sleep", 0.05),
+            block=body.get("block", False),
+        )
+        return jsonify(job=job, pid=os.getpid(), steps={"work": work})
+
+    @app.post("/talk")
+    @durable.endpoint
+    def talk() -> Any:
+        """Streams words; with ``block``, holds after the second word of
+        its first attempt (the test kills the process meanwhile)."""
+        body = request.get_json()
+        job = body["job"]
+
+        def words() -> Any:
+            for i, word in enumerate(["w0", "w1", "w2", "w3"]):
+                if i == 2 and body.get("block"):
+                    _marker(f"inside-{job}", current_run.id)
+                    _hold()
+                yield f"{word}@{os.getpid()}"
+
+        said = step.stream("say", words)
+        return jsonify(job=job, pid=os.getpid(), said=said)
 
     @app.post("/stall")
     @durable.endpoint

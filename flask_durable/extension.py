@@ -254,6 +254,7 @@ class Durable:
         throttle: dict[str, Any] | None = None,
         rate_limit: dict[str, Any] | None = None,
         priority: dict[str, Any] | None = None,
+        debounce: dict[str, Any] | None = None,
     ) -> Callable[[Callable[[dict[str, Any]], Any]], DurableFunction]:
         """Register a durable function, started by events or a schedule::
 
@@ -301,6 +302,10 @@ class Durable:
             events beyond ``n`` per period start no run.
         :param priority: ``{"run": expr}``: a run goes that many seconds
             ahead in its queue (negative: behind).
+        :param debounce: ``{"period": d, "key": expr, "timeout": d}``: one
+            run, with the last event, once no event (of that key) came for
+            ``period``; ``timeout`` bounds how long events may keep pushing
+            it back.
         :raises ValueError: a bad id, trigger, expression or option, or an
             id already taken; the message names the function.
         """
@@ -344,6 +349,31 @@ class Durable:
                 f"function {id!r}: priority is {{'run': expression}}, not {priority!r}"
             )
         ahead = None if priority is None else event_key(priority["run"], "priority")
+        bounce = None
+        if debounce is not None:
+            if (
+                not isinstance(debounce, dict)
+                or set(debounce) - {"period", "key", "timeout"}
+                or "period" not in debounce
+            ):
+                raise ValueError(
+                    f"function {id!r}: debounce is {{'period': d, 'key': expr,"
+                    f" 'timeout': d}}, not {debounce!r}"
+                )
+            if flow is not None and flow.queues:
+                raise ValueError(
+                    f"function {id!r}: debounce cannot be combined with"
+                    " concurrency or throttle"
+                )
+            bounce = (
+                parse_duration(debounce["period"]),
+                None
+                if debounce.get("timeout") is None
+                else parse_duration(debounce["timeout"]),
+                None
+                if debounce.get("key") is None
+                else event_key(debounce["key"], "debounce key"),
+            )
 
         def decorator(fn: Callable[[dict[str, Any]], Any]) -> DurableFunction:
             if id in self._functions and self._functions[id].fn is not fn:
@@ -359,6 +389,7 @@ class Durable:
                 start_seconds=None if start is None else parse_duration(start),
                 flow=flow,
                 priority=ahead,
+                debounce=bounce,
             )
             functools.update_wrapper(durable_fn, fn)
             self._functions[id] = durable_fn

@@ -195,6 +195,8 @@ class DurableFunction:
     start_seconds: float | None = None
     #: Concurrency, throttle and rate limits.
     flow: Any = None
+    #: ``(period, timeout or None, key or None)`` of ``debounce``.
+    debounce: tuple[float, float | None, Any] | None = None
     #: Seconds ahead in its queue a run of an event goes (``priority``).
     priority: Callable[[dict[str, Any]], Any] | None = None
     #: The event names that start it.

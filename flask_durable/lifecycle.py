@@ -1303,6 +1303,47 @@ class Lifecycle:
         self.start_runs(fn, [event], [child])
         return child
 
+    def _debounce(
+        self, fn: DurableFunction, events: Sequence[dict[str, Any]]
+    ) -> list[str]:
+        """Debounced functions: each event replaces the pending run of its
+        key and pushes it back by the period."""
+        assert fn.debounce is not None
+        period, timeout, key_fn = fn.debounce
+        now = time.time()
+        started = []
+        for event in events:
+            try:
+                value = "" if key_fn is None else key_fn(event)
+            except Exception:
+                log.warning(
+                    "function %s: its debounce key failed on event %s; not started",
+                    fn.id,
+                    event["id"],
+                    exc_info=True,
+                )
+                continue
+            text = value if isinstance(value, str) else repr(value)
+            key = "debounce\x1f" + hashlib.sha256(text.encode()).hexdigest()
+            environ, body = function_request(self.config.url_prefix, fn.id, event)
+            run = NewRun(
+                id=_new_run_id(),
+                app_id=self.config.app_id,
+                endpoint=fn.id,
+                created_at=now,
+                deadline=None
+                if fn.timeout_seconds is None
+                else now + period + fn.timeout_seconds,
+                owner="",
+                request=capture_request(environ, body, self.storage),
+                idempotency_key=key,
+            )
+            run_id, new = self.store.debounce(run, period, timeout)
+            if new:
+                self._started(run_id, fn.id)
+                started.append(run_id)
+        return started
+
     def start_runs(
         self,
         fn: DurableFunction,
@@ -1310,6 +1351,8 @@ class Lifecycle:
         run_ids: Sequence[str] | None = None,
     ) -> list[str]:
         """Store a run of ``fn`` per event, due now, and wake a worker."""
+        if fn.debounce is not None and run_ids is None:
+            return self._debounce(fn, events)
         now = time.time()
         prefix = self.config.url_prefix
         runs = []

@@ -240,3 +240,58 @@ def test_cli_shows_usage(make_app: Any) -> None:
     as_json = runner.invoke(args=["durable", "flow", "--json"])
     keys = __import__("json").loads(as_json.output)["keys"]
     assert keys[0]["queued"] == 3 and keys[0]["running"] == 0 and keys[0]["limit"] == 2
+
+
+def test_debounce_runs_once_with_the_last_event(make_app: Any) -> None:
+    d = Durable()
+
+    @d.function(
+        "report",
+        event="doc/edited",
+        debounce={"period": "300ms", "key": "event.data.doc", "timeout": "1m"},
+    )
+    def report(event: dict[str, Any]) -> Any:
+        _note(f"{event['data']['doc']}:{event['data']['n']}")
+        return event["data"]["n"]
+
+    app = make_app(d)
+    with app.app_context():
+        d.start()
+        for n in range(20):
+            d.send("doc/edited", {"doc": "a", "n": n})
+        d.send("doc/edited", {"doc": "b", "n": 0})
+    end = time.monotonic() + 15
+    while len(order) < 2:
+        assert time.monotonic() < end, order
+        time.sleep(0.05)
+    time.sleep(0.6)
+    assert sorted(order) == ["a:19", "b:0"]
+    # After the run started, a new event opens a new pending run.
+    with app.app_context():
+        d.send("doc/edited", {"doc": "a", "n": 20})
+    while len(order) < 3:
+        assert time.monotonic() < end, order
+        time.sleep(0.05)
+    assert order[-1] == "a:20"
+    with app.app_context():
+        runs, _ = d.list_runs(endpoint="report")
+    assert len(runs) == 3 and {r.status for r in runs} == {"completed"}
+
+
+def test_debounce_timeout_bounds_the_delay(make_app: Any) -> None:
+    d = Durable()
+
+    @d.function("t", event="t/go", debounce={"period": "10s", "timeout": "300ms"})
+    def t(event: dict[str, Any]) -> Any:
+        _note(str(event["data"]["n"]))
+
+    app = make_app(d)
+    with app.app_context():
+        d.start()
+        for n in range(3):
+            d.send("t/go", {"n": n})
+    end = time.monotonic() + 10
+    while not order:
+        assert time.monotonic() < end, "the timeout should have started the run"
+        time.sleep(0.05)
+    assert order == ["2"]

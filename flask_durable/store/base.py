@@ -1361,6 +1361,54 @@ class Store:
                     self._notify(conn, WAKE_CHANNEL, row["id"])
         return [row["id"] for row in fresh]
 
+    def debounce(
+        self, run: NewRun, period: float, timeout: float | None
+    ) -> tuple[str, bool]:
+        """Store a debounced function run: the pending run holding the
+        debounce key ``run.idempotency_key`` (not started yet) takes this
+        run's request (the latest event) and is due ``period`` seconds from
+        now, but no later than ``timeout`` after it was first stored; or,
+        when none is pending, ``run`` is stored so.
+
+        :returns: the pending run's id, and whether it is new.
+        """
+        key = run.idempotency_key
+        assert key is not None
+        now = _now()
+        due = now + period
+        mine = sa.and_(
+            runs.c.app_id == self.app_id,
+            runs.c.endpoint == run.endpoint,
+            runs.c.idempotency_key == key,
+        )
+        with self.begin() as conn:
+            self._lock_key(conn, key)
+            row = conn.execute(
+                sa.select(
+                    runs.c.id, runs.c.created_at, runs.c.attempt, runs.c.lease_owner
+                ).where(mine)
+            ).first()
+            if row is not None and row.attempt == 0 and row.lease_owner is None:
+                if timeout is not None:
+                    due = min(due, row.created_at + timeout)
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == row.id)
+                    .values(request=run.request, due_at=due, updated_at=now)
+                )
+                return str(row.id), False
+            if row is not None:  # started: the next pending run takes the key
+                conn.execute(runs.update().where(mine).values(idempotency_key=None))
+            values = dict(
+                zip(
+                    _RUN_COLUMNS,
+                    self._run_row(run, now, "scheduled", due, leased=False),
+                    strict=True,
+                )
+            )
+            conn.execute(runs.insert(), values)
+        return run.id, True
+
     # -- idempotency ------------------------------------------------------------
 
     def try_insert_idempotent_run(self, run: NewRun) -> bool:

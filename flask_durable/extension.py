@@ -255,7 +255,8 @@ class Durable:
         rate_limit: dict[str, Any] | None = None,
         priority: dict[str, Any] | None = None,
         debounce: dict[str, Any] | None = None,
-    ) -> Callable[[Callable[[dict[str, Any]], Any]], DurableFunction]:
+        batch_events: dict[str, Any] | None = None,
+    ) -> Callable[[Callable[..., Any]], DurableFunction]:
         """Register a durable function, started by events or a schedule::
 
             @durable.function("send-welcome", event="user/signup",
@@ -306,6 +307,9 @@ class Durable:
             run, with the last event, once no event (of that key) came for
             ``period``; ``timeout`` bounds how long events may keep pushing
             it back.
+        :param batch_events: ``{"max_size": n, "timeout": d}``: the
+            function is called with a list of up to ``n`` events, once the
+            list is full or ``timeout`` after its first event.
         :raises ValueError: a bad id, trigger, expression or option, or an
             id already taken; the message names the function.
         """
@@ -349,6 +353,25 @@ class Durable:
                 f"function {id!r}: priority is {{'run': expression}}, not {priority!r}"
             )
         ahead = None if priority is None else event_key(priority["run"], "priority")
+        batch = None
+        if batch_events is not None:
+            if (
+                not isinstance(batch_events, dict)
+                or set(batch_events) != {"max_size", "timeout"}
+                or isinstance(batch_events["max_size"], bool)
+                or not isinstance(batch_events["max_size"], int)
+                or batch_events["max_size"] < 1
+            ):
+                raise ValueError(
+                    f"function {id!r}: batch_events is {{'max_size': n >= 1,"
+                    f" 'timeout': d}}, not {batch_events!r}"
+                )
+            if flow is not None and flow.queues or debounce is not None:
+                raise ValueError(
+                    f"function {id!r}: batch_events cannot be combined with"
+                    " concurrency, throttle or debounce"
+                )
+            batch = (batch_events["max_size"], parse_duration(batch_events["timeout"]))
         bounce = None
         if debounce is not None:
             if (
@@ -375,7 +398,7 @@ class Durable:
                 else event_key(debounce["key"], "debounce key"),
             )
 
-        def decorator(fn: Callable[[dict[str, Any]], Any]) -> DurableFunction:
+        def decorator(fn: Callable[..., Any]) -> DurableFunction:
             if id in self._functions and self._functions[id].fn is not fn:
                 raise ValueError(f"durable function id {id!r} is already used")
             durable_fn = DurableFunction(
@@ -390,6 +413,7 @@ class Durable:
                 flow=flow,
                 priority=ahead,
                 debounce=bounce,
+                batch=batch,
             )
             functools.update_wrapper(durable_fn, fn)
             self._functions[id] = durable_fn

@@ -195,6 +195,9 @@ class DurableFunction:
     start_seconds: float | None = None
     #: Concurrency, throttle and rate limits.
     flow: Any = None
+    #: ``(max_size, timeout)`` of ``batch_events``: the function gets a
+    #: list of events.
+    batch: tuple[int, float] | None = None
     #: ``(period, timeout or None, key or None)`` of ``debounce``.
     debounce: tuple[float, float | None, Any] | None = None
     #: Seconds ahead in its queue a run of an event goes (``priority``).
@@ -205,7 +208,7 @@ class DurableFunction:
     def __post_init__(self) -> None:
         self.events = frozenset(t.event for t in self.triggers if t.event)
 
-    def __call__(self, event: dict[str, Any]) -> Any:
+    def __call__(self, event: Any) -> Any:
         return self.fn(event)
 
     @property

@@ -1109,9 +1109,12 @@ class Lifecycle:
             ex = _cv_run.get()
             if start_by is not None and not ex.memo and time.time() > start_by:
                 raise _Cancelled("timeout")  # timeouts["start"] has passed
-            if payload["event"]["name"] == INVOKED_EVENT:
+            event = payload["event"]
+            if event["name"] == INVOKED_EVENT:
                 self._invoked.add(ex.id)  # its parent is told when it ends
-            return jsonify(fn.fn(payload["event"]))
+            if fn.batch is not None:
+                return jsonify(fn.fn(event["data"]["events"]))
+            return jsonify(fn.fn(event))
 
         def view() -> Any:
             if REPLAY_KEY not in request.environ:
@@ -1303,6 +1306,54 @@ class Lifecycle:
         self.start_runs(fn, [event], [child])
         return child
 
+    def _batch(
+        self, fn: DurableFunction, events: Sequence[dict[str, Any]]
+    ) -> list[str]:
+        """Batched functions: events gather in the pending batch run until
+        it is full or its timeout passes."""
+        assert fn.batch is not None
+        max_size, timeout = fn.batch
+        prefix = self.config.url_prefix
+        key = "batch\x1f" + fn.id
+        started = []
+        for event in events:
+            now = time.time()
+
+            def add(blob: bytes, event: dict[str, Any] = event) -> tuple[bytes, int]:
+                _, body = decode_envelope(self.open_stored(blob))
+                batch = json.loads(body)["event"]
+                batch["data"]["events"].append(event)
+                environ, body = function_request(prefix, fn.id, batch)
+                stored = capture_request(environ, body, self.storage)
+                return stored, len(batch["data"]["events"])
+
+            run_id = _new_run_id()
+            batch_event = {
+                "name": "durable/batch",
+                "data": {"events": [event]},
+                "id": f"batch:{run_id}",
+                "ts": event["ts"],
+            }
+            environ, body = function_request(prefix, fn.id, batch_event)
+            run = NewRun(
+                id=run_id,
+                app_id=self.config.app_id,
+                endpoint=fn.id,
+                created_at=now,
+                deadline=None
+                if fn.timeout_seconds is None
+                else now + timeout + fn.timeout_seconds,
+                owner="",
+                request=capture_request(environ, body, self.storage),
+                idempotency_key=key,
+            )
+            batch_id, new = self.store.batch(run, add, max_size, timeout)
+            if new:
+                self._started(batch_id, fn.id)
+                started.append(batch_id)
+            self.scheduler.wake_now(batch_id)
+        return started
+
     def _debounce(
         self, fn: DurableFunction, events: Sequence[dict[str, Any]]
     ) -> list[str]:
@@ -1353,6 +1404,8 @@ class Lifecycle:
         """Store a run of ``fn`` per event, due now, and wake a worker."""
         if fn.debounce is not None and run_ids is None:
             return self._debounce(fn, events)
+        if fn.batch is not None and run_ids is None:
+            return self._batch(fn, events)
         now = time.time()
         prefix = self.config.url_prefix
         runs = []

@@ -295,3 +295,39 @@ def test_debounce_timeout_bounds_the_delay(make_app: Any) -> None:
         assert time.monotonic() < end, "the timeout should have started the run"
         time.sleep(0.05)
     assert order == ["2"]
+
+
+def test_batches_of_events(make_app: Any) -> None:
+    d = Durable()
+    batches: list[list[int]] = []
+
+    @d.function(
+        "batched", event="item/added", batch_events={"max_size": 4, "timeout": "300ms"}
+    )
+    def batched(events: list[dict[str, Any]]) -> Any:
+        numbers = step.run("numbers", lambda: [e["data"]["n"] for e in events])
+        with _lock:
+            batches.append(numbers)
+        return len(numbers)
+
+    app = make_app(d)
+    with app.app_context():
+        d.start()
+        for n in range(10):
+            d.send("item/added", {"n": n})
+    end = time.monotonic() + 15
+    while sum(len(b) for b in batches) < 10:
+        assert time.monotonic() < end, batches
+        time.sleep(0.05)
+    time.sleep(0.4)
+    # Two full batches at once, then the last two after the timeout; every
+    # event exactly once, in order.
+    assert sorted(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    with app.app_context():
+        runs, _ = d.list_runs(endpoint="batched")
+        outputs = sorted(d.get_run(r.id).output for r in runs)  # type: ignore[union-attr]
+    assert outputs == [2, 4, 4]
+    with pytest.raises(ValueError, match="batch_events is"):
+        d.function("bad", event="x", batch_events={"max_size": 0, "timeout": "1s"})(
+            lambda events: None
+        )

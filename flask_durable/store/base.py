@@ -1409,6 +1409,78 @@ class Store:
             conn.execute(runs.insert(), values)
         return run.id, True
 
+    def batch(
+        self,
+        run: NewRun,
+        add: Callable[[bytes], tuple[bytes, int]],
+        max_size: int,
+        timeout: float,
+    ) -> tuple[str, bool]:
+        """Add an event to the pending batch run holding the key
+        ``run.idempotency_key``, or store ``run`` (holding the event) as
+        that run. ``add`` turns the pending run's request into one holding
+        the event too, and says how many it holds. A full batch is due now
+        (and lets the key go to the next batch), else ``timeout`` after its
+        first event.
+
+        :returns: the batch run's id, and whether it is new.
+        """
+        key = run.idempotency_key
+        assert key is not None
+        now = _now()
+        mine = sa.and_(
+            runs.c.app_id == self.app_id,
+            runs.c.endpoint == run.endpoint,
+            runs.c.idempotency_key == key,
+        )
+        with self.begin() as conn:
+            self._lock_key(conn, key)
+            row = conn.execute(
+                sa.select(
+                    runs.c.id,
+                    runs.c.request,
+                    runs.c.created_at,
+                    runs.c.attempt,
+                    runs.c.lease_owner,
+                ).where(mine)
+            ).first()
+            if row is not None and row.attempt == 0 and row.lease_owner is None:
+                blob, size = add(bytes(row.request))
+                full = size >= max_size
+                conn.execute(
+                    runs.update()
+                    .where(runs.c.id == row.id)
+                    .values(
+                        request=blob,
+                        due_at=now if full else row.created_at + timeout,
+                        updated_at=now,
+                        idempotency_key=None if full else key,
+                    )
+                )
+                if full:
+                    self._notify(conn, WAKE_CHANNEL, row.id)
+                return str(row.id), False
+            if row is not None:  # started: the next batch takes the key
+                conn.execute(runs.update().where(mine).values(idempotency_key=None))
+            full = max_size <= 1
+            values = dict(
+                zip(
+                    _RUN_COLUMNS,
+                    self._run_row(
+                        run,
+                        now,
+                        "scheduled",
+                        now if full else now + timeout,
+                        leased=False,
+                    ),
+                    strict=True,
+                )
+            )
+            if full:
+                values["idempotency_key"] = None
+            conn.execute(runs.insert(), values)
+        return run.id, True
+
     # -- idempotency ------------------------------------------------------------
 
     def try_insert_idempotent_run(self, run: NewRun) -> bool:

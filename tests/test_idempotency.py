@@ -221,9 +221,23 @@ def test_another_callers_key_neither_blocks_nor_conflicts(
             time.sleep(0.02)
         # Alice's run is in progress: Bob is neither sent to its wait URL
         # nor refused, with the same body or another one.
-        same = server.post(
-            "/me?slow=1", json={"amount": 1}, headers=bob, allow_redirects=False
+        # Bob's run holds on the gate too: from a thread, so that the gate
+        # opens for both (rather than after his view's 10 s wait).
+        bob_thread = threading.Thread(
+            target=lambda: out.update(
+                same=server.post(
+                    "/me?slow=1",
+                    json={"amount": 1},
+                    headers=bob,
+                    allow_redirects=False,
+                )
+            )
         )
+        bob_thread.start()
+        for _ in range(100):
+            if calls["Bearer bob"]:
+                break
+            time.sleep(0.02)
         other = server.post(
             "/me", json={"amount": 2}, headers={**bob, "Idempotency-Key": "k2"}
         )
@@ -239,6 +253,8 @@ def test_another_callers_key_neither_blocks_nor_conflicts(
     finally:
         app.config["gate"].set()
         t.join(10)
+        bob_thread.join(10)
+    same = out["same"]
     assert same.status_code == 200, same.headers
     assert same.json() == {"who": "Bearer bob", "amount": 1}
     assert other.status_code == 200

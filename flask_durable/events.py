@@ -133,16 +133,31 @@ class EventBus:
             for e in events
         ]
         stored = self.store.insert_events(rows, DEDUPE_SECONDS)
-        for event, new in zip(events, stored, strict=True):
-            if not new:
-                continue
+        fresh = [e for e, new in zip(events, stored, strict=True) if new]
+        if not fresh:
+            return [e.id for e in events]
+        # One query for the whole batch, then each event's own waits.
+        found = self.store.waits_for_many(
+            sorted({e.name for e in fresh}),
+            min(e.ts for e in fresh),
+            max(e.ts for e in fresh),
+        )
+        taken: set[tuple[str, str]] = set()  # a wait takes one event
+        for event in fresh:
             as_dict = event.as_dict()
-            for wait in self.store.waits_for(event.name, event.ts):
+            for wait in found:
+                if (
+                    wait.event != event.name
+                    or not wait.since <= event.ts < wait.expires_at
+                    or (wait.run_id, wait.step_id) in taken
+                ):
+                    continue
                 if matches(load_json(wait.match), as_dict):
                     if wait.step_id.startswith(CANCEL_PREFIX):
                         if self.cancel is not None:
                             self.cancel(wait.run_id, wait.step_id, as_dict)
                         continue
+                    taken.add((wait.run_id, wait.step_id))
                     self._deliver(wait.run_id, wait.step_id, event.output)
         return [e.id for e in events]
 

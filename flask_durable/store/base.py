@@ -141,6 +141,13 @@ class Store:
     def _notify(self, conn: Connection, channel: str, payload: str) -> None:
         """Queue a notification sent when ``conn`` commits (if supported)."""
 
+    def _notify_many(
+        self, conn: Connection, channel: str, payloads: Sequence[str]
+    ) -> None:
+        """:meth:`_notify` for each payload (one statement where it can)."""
+        for payload in payloads:
+            self._notify(conn, channel, payload)
+
     #: Name of the store's background thread (``None``: it has none).
     thread_name: str | None = None
 
@@ -1357,8 +1364,7 @@ class Store:
                 ]
                 if wait_rows:
                     conn.execute(waits.insert(), wait_rows)
-                for row in fresh:
-                    self._notify(conn, WAKE_CHANNEL, row["id"])
+                self._notify_many(conn, WAKE_CHANNEL, [row["id"] for row in fresh])
         return [row["id"] for row in fresh]
 
     def debounce(
@@ -1590,6 +1596,30 @@ class Store:
                 attempts += 1
                 if attempts == 3:
                     raise
+
+    def waits_for_many(self, names: Sequence[str], lo: float, hi: float) -> list[Any]:
+        """Waits on any of the events ``names`` that may take an event sent
+        between ``lo`` and ``hi`` (one query for a batch of events; filter
+        each event's by its own time): ``run_id, step_id, match, event,
+        since, expires_at`` rows."""
+        with self.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(
+                        waits.c.run_id,
+                        waits.c.step_id,
+                        waits.c.match,
+                        waits.c.event,
+                        waits.c.since,
+                        waits.c.expires_at,
+                    ).where(
+                        waits.c.app_id == self.app_id,
+                        waits.c.event.in_(list(names)),
+                        waits.c.since <= hi,
+                        waits.c.expires_at > lo,
+                    )
+                )
+            )
 
     def waits_for(self, name: str, ts: float) -> list[Any]:
         """Waits on event ``name`` that began no later than ``ts``:

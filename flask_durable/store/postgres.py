@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -164,6 +164,18 @@ class PostgresStore(Store):
 
     def _raw_notify(self, cur: Any, channel: str, payload: str) -> None:
         cur.execute(self._sql_notify, {"channel": channel, "payload": payload})
+
+    def _notify_many(
+        self, conn: Connection, channel: str, payloads: Sequence[str]
+    ) -> None:
+        if payloads:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_notify(:channel, p)"
+                    " FROM unnest(CAST(:payloads AS text[])) AS p"
+                ),
+                {"channel": channel, "payloads": list(payloads)},
+            )
 
     def _notify(self, conn: Connection, channel: str, payload: str) -> None:
         conn.execute(

@@ -542,7 +542,8 @@ class Durable:
 
     def start(self) -> None:
         """Start the scheduler in this process now (for example from a
-        gunicorn ``post_fork`` hook) instead of on the first request."""
+        gunicorn ``post_worker_init`` hook, see :doc:`deployment`) instead
+        of on the first request."""
         get_lifecycle().ensure_ready(scheduler=True)
 
     def shutdown(self) -> None:

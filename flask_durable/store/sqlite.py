@@ -73,9 +73,10 @@ class SQLiteStore(Store):
             # Transactions are ours to begin (BEGIN IMMEDIATE for writers).
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
+            # The busy timeout first: switching to WAL needs the lock too.
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             cur.close()
 

@@ -815,6 +815,7 @@ class Store:
                 .where(
                     runs.c.app_id == self.app_id,
                     runs.c.flow_key == flow_key,
+                    runs.c.due_at.isnot(None),
                     runs.c.status == "running",
                     runs.c.lease_expires_at >= now,
                 )
@@ -873,6 +874,7 @@ class Store:
         due = sa.and_(
             runs.c.app_id == self.app_id,
             runs.c.flow_key.isnot(None),
+            runs.c.due_at.isnot(None),
             runs.c.due_at <= now,
             free_lease,
         )

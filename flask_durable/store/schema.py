@@ -74,13 +74,15 @@ runs = sa.Table(
         sqlite_where=sa.text("idempotency_key IS NOT NULL"),
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     ),
+    # Only unfinished runs under limits: admission's cost does not grow
+    # with the runs that finished.
     sa.Index(
         "ix_durable_runs_flow",
         "app_id",
         "flow_key",
         "status",
-        sqlite_where=sa.text("flow_key IS NOT NULL"),
-        postgresql_where=sa.text("flow_key IS NOT NULL"),
+        sqlite_where=sa.text("flow_key IS NOT NULL AND due_at IS NOT NULL"),
+        postgresql_where=sa.text("flow_key IS NOT NULL AND due_at IS NOT NULL"),
     ),
 )
 

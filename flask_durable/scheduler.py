@@ -86,6 +86,8 @@ class Scheduler:
         #: Claims due runs under flow-control limits (up to the number
         #: given), as far as their limits allow; set by the lifecycle.
         self.admit: Callable[[int], list[Claim]] | None = None
+        self._admitting = False
+        self._admit_again = False
         #: More work for each housekeeping pass.
         self.chores: list[Callable[[], object]] = []
         #: Cron jobs, by job id: (APScheduler trigger, callable).
@@ -247,10 +249,33 @@ class Scheduler:
         pool = self._pool
         if pool is None or self.admit is None:
             return
+        # One pass at a time per process: a request during a pass makes it
+        # run once more, instead of many passes queueing on the key's lock.
+        with self._lock:
+            if self._admitting:
+                self._admit_again = True
+                return
+            self._admitting = True
+            self._admit_again = False
         try:
-            pool.submit(self._admit_and_resume)
+            pool.submit(self._admit_passes)
         except RuntimeError:  # pool shut down
-            pass
+            with self._lock:
+                self._admitting = False
+
+    def _admit_passes(self) -> None:
+        try:
+            while True:
+                self._admit_and_resume()
+                with self._lock:
+                    if not self._admit_again or self._pool is None:
+                        self._admitting = False
+                        return
+                    self._admit_again = False
+        except BaseException:
+            with self._lock:
+                self._admitting = False
+            raise
 
     def _admit_and_resume(self) -> None:
         pool, admit = self._pool, self.admit

@@ -17,21 +17,17 @@ from .access import csrf_token, guard, set_csrf_cookie
 from .lifecycle import get_lifecycle
 from .records import RunInfo, RunStatus, RunSummary, StepInfo
 from .replay import ALWAYS_SENSITIVE, MASK
-from .responses import json_response, unavailable
+from .responses import json_response
 from .store import UNAVAILABLE
-from .views import parse_events
+from .views import database_unavailable, parse_events
 
 blueprint = Blueprint("durable_api", __name__)
 blueprint.before_request(guard)
 blueprint.after_request(set_csrf_cookie)
 
 
-def _database_unavailable(error: Exception) -> Response:
-    return unavailable(error)
-
-
 for _error in UNAVAILABLE:
-    blueprint.register_error_handler(_error, _database_unavailable)
+    blueprint.register_error_handler(_error, database_unavailable)
 
 
 # -- JSON shapes -------------------------------------------------------------

@@ -34,6 +34,7 @@ from .lifecycle import get_lifecycle
 from .records import RunInfo, RunStatus
 from .run_view import fmt_duration, fmt_time, run_view
 from .store import UNAVAILABLE
+from .views import refuse_constant
 
 blueprint = Blueprint(
     "durable_dashboard",
@@ -247,10 +248,6 @@ def rewind(run_id: str) -> ResponseReturnValue:
     return _back(run_id, "rewind")
 
 
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 @blueprint.post("/send-event")
 def send_event() -> ResponseReturnValue:
     """Send an event (name, JSON data, optional id), then go back to the run
@@ -273,9 +270,7 @@ def send_event() -> ResponseReturnValue:
 
     try:
         data = (
-            json.loads(data_text, parse_constant=_refuse_constant)
-            if data_text
-            else None
+            json.loads(data_text, parse_constant=refuse_constant) if data_text else None
         )
     except (ValueError, RecursionError) as e:
         return refuse(f"the event data must be JSON: {e}")

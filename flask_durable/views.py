@@ -21,12 +21,13 @@ from .store import UNAVAILABLE
 blueprint = Blueprint("durable", __name__)
 
 
-def _database_unavailable(error: Exception) -> Response:
+def database_unavailable(error: Exception) -> Response:
+    """``503`` for a database error (error handler of the blueprints)."""
     return unavailable(error)
 
 
 for _error in UNAVAILABLE:
-    blueprint.register_error_handler(_error, _database_unavailable)
+    blueprint.register_error_handler(_error, database_unavailable)
 
 
 #: How long a wait request beyond ``DURABLE_MAX_HELD_WAITS`` is held before
@@ -158,7 +159,7 @@ def parse_events() -> list[Event] | Response:
             limit=limit,
         )
     try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
+        payload = json.loads(body, parse_constant=refuse_constant)
     except (ValueError, RecursionError):  # RecursionError: nested too deeply
         return json_response(400, error="the body must be JSON: an event or a list")
     items = payload if isinstance(payload, list) else [payload]
@@ -184,7 +185,9 @@ def parse_events() -> list[Event] | Response:
     return checked
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_constant(name: str) -> Any:
+    """``parse_constant`` for :func:`json.loads`: NaN and Infinity are not
+    JSON."""
     raise ValueError(f"{name} is not JSON")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +12,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from . import clock
 from .durations import parse_duration
 from .lifecycle import get_lifecycle
 from .records import RunStatus
@@ -295,7 +295,7 @@ def prune_command(older_than: float | None) -> None:
                 "DURABLE_RETENTION is None (keep runs for ever): pass --older-than"
             )
     lifecycle.ensure_schema()
-    before = time.time() - older_than
+    before = clock.now() - older_than
     deleted = 0
     while True:
         n = lifecycle.store.prune(before, _PRUNE_BATCH)

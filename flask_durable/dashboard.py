@@ -22,13 +22,13 @@ says so).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
+from . import clock
 from .access import csrf_token, guard, set_csrf_cookie
 from .lifecycle import get_lifecycle
 from .records import RunInfo, RunStatus
@@ -162,7 +162,7 @@ def index() -> tuple[str, int]:
             statuses=[s.value for s in RunStatus],
             endpoints=endpoints,
             error=error,
-            now=time.time(),
+            now=clock.now(),
             flow=lifecycle.flow_usage() if not cursor else [],
         ),
         400 if error else 200,
@@ -171,7 +171,7 @@ def index() -> tuple[str, int]:
 
 def _context(run: RunInfo) -> dict[str, Any]:
     sensitive = get_lifecycle().config.sensitive_headers
-    return vars(run_view(run, time.time(), sensitive))
+    return vars(run_view(run, clock.now(), sensitive))
 
 
 def _run_page(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import clock
 from .crypto import EVENT_CONTEXT, STEP_CONTEXT, Cipher, is_sealed_text
 from .functions import CANCEL_PREFIX
 from .records import WaitSpec
@@ -113,7 +113,7 @@ class EventBus:
         except (TypeError, ValueError) as e:
             raise TypeError(f"event data must be JSON-serializable: {e}") from None
         data = load_json(data_text)  # what a waiter gets, after any restart
-        ts = time.time()
+        ts = clock.now()
         output = dump_value(_as_dict(name, data, event_id, ts))
         size = len(output.encode("utf-8"))
         if size > self.max_size:
@@ -179,7 +179,7 @@ class EventBus:
     def catch_up(self, run_id: str, wait: WaitSpec) -> None:
         """Deliver an event that arrived while the wait was being stored."""
         match = load_json(wait.match)
-        for row in self.store.events_since(wait.event, wait.since, time.time() + 1):
+        for row in self.store.events_since(wait.event, wait.since, clock.now() + 1):
             event = _as_dict(row.name, self._data(row.data), row.id, row.ts)
             if matches(match, event):
                 self._deliver(run_id, wait.step_id, dump_value(event))

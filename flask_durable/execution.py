@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
-from . import signals
+from . import clock, signals
 from .commit import Committer
 from .config import Config
 from .crypto import STEP_CONTEXT, Cipher, DecryptionError, is_sealed_text
@@ -64,6 +64,21 @@ class StepObserver(Protocol):
     ) -> None: ...
 
 
+class StepHooks(Protocol):
+    """Changes what ``step.run`` does, for tests
+    (:class:`flask_durable.testing.DurableTester`)."""
+
+    def step_function(
+        self, ex: Execution, step_id: str, fn: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """The function to call for an attempt of ``step_id``."""
+        ...
+
+    def step_committed(self, ex: Execution, step_id: str) -> None:
+        """Called once ``step_id``'s result is checkpointed."""
+        ...
+
+
 #: Calls a durable view for an execution: ``(ex, view, args, kwargs)``
 #: (:mod:`flask_durable.observability` runs it in a span).
 ViewCaller = Callable[["Execution", Callable[..., Any], Any, Any], Any]
@@ -92,6 +107,7 @@ class Execution:
         cipher: Cipher | None = None,
         seal_outputs: bool = False,
         observer: StepObserver | None = None,
+        hooks: StepHooks | None = None,
     ) -> None:
         self.id = run_id
         self.endpoint = endpoint
@@ -120,6 +136,8 @@ class Execution:
         )
         #: Told of each step attempt (``DURABLE_METRICS``, ``DURABLE_OTEL``).
         self.observer = observer
+        #: Test hooks (:class:`flask_durable.testing.DurableTester`).
+        self.hooks = hooks
         self.memo = {r.step_id: r for r in records}
         self.stored = set(self.memo)
         self.state_size = sum(len(r.output or "") for r in records)
@@ -239,7 +257,7 @@ class Execution:
         """
         self.replaying = False  # new work begins here
         if self.cancel_reason is None and self.deadline is not None:
-            if time.time() >= self.deadline:
+            if clock.now() >= self.deadline:
                 self.cancel_reason = "timeout"
         if (
             self.cancel_reason is None
@@ -279,7 +297,7 @@ class Execution:
         rec = self.memo.get(step_id)
         if rec is None:
             with self.lock:
-                rec = StepRecord(step_id, self.seq, status, started_at=time.time())
+                rec = StepRecord(step_id, self.seq, status, started_at=clock.now())
                 self.seq += 1
         if self.observer is not None and status == STEP_RUNNING:
             self.observer.attempt_started(self, rec)
@@ -291,7 +309,7 @@ class Execution:
         self, rec: StepRecord, error: BaseException, will_retry: bool
     ) -> None:
         """Record a failed attempt in the step's history and the log."""
-        now = time.time()
+        now = clock.now()
         entry = {
             "attempt": rec.attempts,
             "type": type(error).__name__,

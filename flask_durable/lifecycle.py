@@ -25,7 +25,6 @@ import os
 import secrets
 import socket
 import threading
-import time
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -42,7 +41,7 @@ from flask import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from . import signals
+from . import clock, signals
 from .access import AccessRule
 from .commit import (
     BatchedCommitter,
@@ -57,7 +56,13 @@ from .crypto import STEP_CONTEXT, Cipher, DecryptionError, is_sealed_text
 from .durations import to_datetime
 from .errors import _Cancelled, _LeaseLost, _StoreUnavailable, _Suspend
 from .events import Event, EventBus
-from .execution import Execution, StepObserver, ViewCaller, swallowed_error
+from .execution import (
+    Execution,
+    StepHooks,
+    StepObserver,
+    ViewCaller,
+    swallowed_error,
+)
 from .flow import FlowControl
 from .functions import (
     CANCEL_PREFIX,
@@ -138,7 +143,7 @@ _MAX_LIST_LIMIT = 1000
 
 def _new_run_id() -> str:
     """32 hex characters, ordered by creation time (ms) then random."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+    return f"{int(clock.now() * 1000):012x}{os.urandom(10).hex()}"
 
 
 class _Ticket:
@@ -186,6 +191,11 @@ class Lifecycle:
         #: span: set by :func:`flask_durable.observability.instrument` when
         #: ``DURABLE_METRICS`` or ``DURABLE_OTEL`` is on.
         self.observer: StepObserver | None = None
+        #: Test hooks, set by :class:`flask_durable.testing.DurableTester`.
+        self.hooks: StepHooks | None = None
+        #: Set by :class:`flask_durable.testing.DurableTester`: settles a
+        #: run asked for at its wait URL, in the calling thread.
+        self.settle: Callable[[str], None] | None = None
         self.call_view: ViewCaller | None = None
         #: Who may use the dashboard (the :class:`~flask_durable.Durable`
         #: instance sets its own).
@@ -291,6 +301,23 @@ class Lifecycle:
             if scheduler and not self.scheduler.running:
                 self.scheduler.shutdown()
                 self.scheduler.start()
+
+    def detach_threads(self) -> None:
+        """Create the tables and count this process as started, without
+        any thread (:class:`~flask_durable.testing.DurableTester` runs the
+        due work itself); a scheduler already running here is stopped."""
+        self.ensure_schema()
+        with self._lock:
+            pid = os.getpid()
+            if self._ready_pid == pid:
+                self.scheduler.shutdown()
+                self.store.stop_threads()
+            self._ready_pid = pid
+
+    def admit_due(self, most: int) -> list[Claim]:
+        """Claim up to ``most`` runs under flow-control limits, as far as
+        their limits allow."""
+        return self._admit(most)
 
     def start_in_background(self) -> None:
         """First request of a process: start the scheduler from a thread of
@@ -490,6 +517,7 @@ class Lifecycle:
             cipher=self.cipher,
             seal_outputs=config.encrypt_payloads,
             observer=self.observer,
+            hooks=self.hooks,
             **fields,
         )
 
@@ -508,7 +536,7 @@ class Lifecycle:
                 " (DURABLE_MAX_REQUEST_BODY)",
             )
         endpoint = options.id or request.endpoint or "unknown"
-        now = time.time()
+        now = clock.now()
         run_id = _new_run_id()
         timeout = options.timeout_seconds
         run = NewRun(
@@ -927,7 +955,7 @@ class Lifecycle:
         """Execute a claimed run: finish it if it was cancelled or timed
         out, else replay it through the app."""
         deadline = claim.deadline
-        if claim.cancel_requested or (deadline is not None and time.time() >= deadline):
+        if claim.cancel_requested or (deadline is not None and clock.now() >= deadline):
             reason = "cancelled" if claim.cancel_requested else "timeout"
             self.finish_detached(
                 claim, "cancelled", encode_flask_response(cancelled(claim.id, reason))
@@ -959,7 +987,7 @@ class Lifecycle:
                 claim.endpoint,
                 status,
             )
-            self.store.reschedule(claim.id, claim.owner, time.time() + _UNHANDLED_DELAY)
+            self.store.reschedule(claim.id, claim.owner, clock.now() + _UNHANDLED_DELAY)
             return
         # A hook answered before the view (a before_request check): that
         # answer is the run's last.
@@ -1107,7 +1135,7 @@ class Lifecycle:
             payload = request.get_json()
             start_by = payload.get("start_by")
             ex = _cv_run.get()
-            if start_by is not None and not ex.memo and time.time() > start_by:
+            if start_by is not None and not ex.memo and clock.now() > start_by:
                 raise _Cancelled("timeout")  # timeouts["start"] has passed
             event = payload["event"]
             if event["name"] == INVOKED_EVENT:
@@ -1144,18 +1172,19 @@ class Lifecycle:
         state: dict[str, CronClock] = {}
 
         def fire() -> None:
-            now = datetime.now(timezone.utc)
-            clock = state.get("clock")
-            if clock is None:
+            at = clock.now()
+            now = datetime.fromtimestamp(at, timezone.utc)
+            ticker = state.get("ticker")
+            if ticker is None:
                 # Ticks are caught up from when the function was first
                 # served on this database, within the retention.
-                first = float(self.store.meta_value(key, str(time.time())))
+                first = float(self.store.meta_value(key, str(at)))
                 window = self.config.retention or 86400.0
-                since = max(first, time.time() - window)
-                clock = state["clock"] = CronClock(
+                since = max(first, at - window)
+                ticker = state["ticker"] = CronClock(
                     crontab, zone, datetime.fromtimestamp(since, timezone.utc)
                 )
-            ticks = clock.due(now)
+            ticks = ticker.due(now)
             if ticks:
                 self.start_runs(fn, [tick_event(fn.id, t) for t in ticks])
 
@@ -1248,7 +1277,7 @@ class Lifecycle:
         :returns: how many parents were told.
         """
         told = 0
-        for wait in self.store.waits_for(FINISHED_EVENT, time.time()):
+        for wait in self.store.waits_for(FINISHED_EVENT, clock.now()):
             child = json.loads(wait.match).get("data.run_id")
             final = self.store.get_final(child) if child else None
             if final is None or final.status not in TERMINAL_STATUSES:
@@ -1317,7 +1346,7 @@ class Lifecycle:
         key = "batch\x1f" + fn.id
         started = []
         for event in events:
-            now = time.time()
+            now = clock.now()
 
             def add(blob: bytes, event: dict[str, Any] = event) -> tuple[bytes, int]:
                 _, body = decode_envelope(self.open_stored(blob))
@@ -1361,7 +1390,7 @@ class Lifecycle:
         key and pushes it back by the period."""
         assert fn.debounce is not None
         period, timeout, key_fn = fn.debounce
-        now = time.time()
+        now = clock.now()
         started = []
         for event in events:
             try:
@@ -1406,7 +1435,7 @@ class Lifecycle:
             return self._debounce(fn, events)
         if fn.batch is not None and run_ids is None:
             return self._batch(fn, events)
-        now = time.time()
+        now = clock.now()
         prefix = self.config.url_prefix
         runs = []
         waits: list[tuple[str, WaitSpec]] = []

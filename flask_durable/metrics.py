@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,7 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from . import signals
+from . import clock, signals
 from .records import TERMINAL_STATUSES, Backlog, RunStatus
 from .store import UNAVAILABLE
 
@@ -182,6 +181,6 @@ class BacklogCollector(Collector):
                 runs.add_metric([status], counts.get(status, 0))
             due.add_metric([], backlog.due)
             oldest = backlog.oldest_due_at
-            waited = 0.0 if oldest is None else max(0.0, time.time() - oldest)
+            waited = 0.0 if oldest is None else max(0.0, clock.now() - oldest)
             delay.add_metric([], waited)
         return [runs, due, delay]

@@ -30,6 +30,7 @@ from apscheduler.executors.pool import ThreadPoolExecutor as APSThreadPool
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from . import clock
 from .config import Config
 from .execution import Execution
 from .records import Claim
@@ -155,6 +156,24 @@ class Scheduler:
         if aps is not None and self.full:
             aps.add_job(fire, trigger, id=job_id, replace_existing=True)
 
+    def fire_crons(self) -> None:
+        """Start the cron runs due by now (what the cron jobs do)."""
+        for _, fire in list(self._crons.values()):
+            fire()
+
+    def next_cron(self, after: float) -> float | None:
+        """The next cron time after ``after`` (seconds since the epoch)."""
+        at = datetime.fromtimestamp(after + 0.001, timezone.utc)
+        times = [
+            t.timestamp()
+            for t in (
+                trigger.get_next_fire_time(None, at)
+                for trigger, _ in list(self._crons.values())
+            )
+            if t is not None
+        ]
+        return min(times) if times else None
+
     def shutdown(self) -> None:
         aps, pool = self._aps, self._pool
         self._aps = self._pool = None
@@ -172,7 +191,7 @@ class Scheduler:
         aps = self._aps
         if aps is None:
             return
-        if due_at - time.time() > self.config.poll_interval * 1.5:
+        if due_at - clock.now() > self.config.poll_interval * 1.5:
             return
         job_id = f"wake:{run_id}"
         with self._lock:
@@ -394,7 +413,7 @@ class Scheduler:
         """Forget old events; delete terminal runs older than the
         retention (``DURABLE_RETENTION``), a bounded number per pass."""
         try:
-            self.store.purge_events(time.time() - _EVENT_RETENTION)
+            self.store.purge_events(clock.now() - _EVENT_RETENTION)
         except Exception:
             log.exception("durable housekeeping failed")
         for chore in self.chores:
@@ -422,7 +441,7 @@ class Scheduler:
             for i in range(max_batches):
                 if i:
                     time.sleep(pause)
-                n = self.store.prune(time.time() - retention, batch)
+                n = self.store.prune(clock.now() - retention, batch)
                 deleted += n
                 if n < batch:
                     break

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import random
-import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -17,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 from flask import current_app
 
+from . import clock
 from .context import _cv_step, current_step, get_execution
 from .durations import Duration, parse_duration, parse_instant
 from .errors import (
@@ -87,7 +87,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if (
             rec.status == STEP_ERROR
             and rec.due_at
-            and rec.due_at > time.time() + _EPSILON
+            and rec.due_at > clock.now() + _EPSILON
         ):
             raise ctx.interrupted(_Suspend(rec.due_at, "scheduled"))
     ctx.boundary()
@@ -101,10 +101,13 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
                 f"the run has more than DURABLE_MAX_STEPS ({config.max_steps}) steps",
             ]
         )
-        rec.finished_at = time.time()
+        rec.finished_at = clock.now()
         ctx.checkpoint(rec)
         raise_for_failed(rec)
     attempt = rec.attempts
+    hooks = ctx.hooks
+    if hooks is not None:
+        fn = hooks.step_function(ctx, sid, fn)
     token = _cv_step.set(CurrentStep(sid, attempt, ctx.id))
     try:
         value = fn(*args, **kwargs)
@@ -123,7 +126,7 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             " bytes, UUID or datetime"
         ) from None
     rec.attempts = attempt + 1
-    rec.finished_at = time.time()
+    rec.finished_at = clock.now()
     rec.due_at = None
     if len(text) > config.max_step_output:
         rec.status = STEP_FAILED
@@ -141,12 +144,14 @@ def run(step_id: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx.checkpoint(rec)
     if rec.status == STEP_FAILED:
         raise_for_failed(rec)
+    if hooks is not None:
+        hooks.step_committed(ctx, sid)
     return value
 
 
 def _failed(ctx: Execution, rec: StepRecord, error: Exception) -> NoReturn:
     """Record a failed attempt: retry later (suspend) or fail for good."""
-    now = time.time()
+    now = clock.now()
     retry_at: float | None = None
     if not isinstance(error, NonRetriableError) and rec.attempts < ctx.retries:
         if isinstance(error, RetryAfterError):
@@ -217,7 +222,7 @@ def sleep_until(step_id: str, when: datetime | str) -> None:
 
 def _sleep(ctx: Execution, sid: str, wake: Callable[[float], float]) -> None:
     rec = ctx.memo.get(sid)
-    now = time.time()
+    now = clock.now()
     if rec is not None:
         if rec.status == STEP_COMPLETED:
             return
@@ -279,7 +284,7 @@ def _wait_for_event(
     ctx: Execution, sid: str, event: str, match_text: str, seconds: float
 ) -> dict[str, Any] | None:
     rec = ctx.memo.get(sid)
-    now = time.time()
+    now = clock.now()
     if rec is not None:
         if rec.status == STEP_COMPLETED:
             return ctx.load_output(rec.output)

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from .. import clock
 from ..records import (
     Backlog,
     Checkpoint,
@@ -70,7 +71,7 @@ _FINISH_ORDER = ("status", "response", "error", "now", "now", "id", "owner")
 
 
 def _now() -> float:
-    return time.time()
+    return clock.now()
 
 
 class _Lost(Exception):

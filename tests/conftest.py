@@ -21,6 +21,29 @@ FAST_CONFIG: dict[str, Any] = {
 }
 
 POSTGRES_URL = os.environ.get("DURABLE_TEST_POSTGRES_URL")
+PG_SKIP = (
+    "PostgreSQL tests need a server: run them with"
+    " DURABLE_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    " make test (.ci/run starts the local server and sets it)"
+)
+
+
+def pytest_report_header() -> str:
+    if POSTGRES_URL:
+        return f"PostgreSQL tests: on ({POSTGRES_URL})"
+    return "PostgreSQL tests: SKIPPED. " + PG_SKIP
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say in one line, even with ``-q``, why tests were skipped and how to
+    run them."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{count} skipped: {reason}")
 
 
 def _durable_threads() -> set[threading.Thread]:
@@ -87,7 +110,7 @@ def any_db_url(request: Any, tmp_path: Any) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'durable.sqlite3'}"
         return
     if not POSTGRES_URL:
-        pytest.skip("PostgreSQL tests need DURABLE_TEST_POSTGRES_URL (set by .ci/run)")
+        pytest.skip(PG_SKIP)
     import uuid
 
     yield from _postgres_schema_url(f"t_{uuid.uuid4().hex[:12]}")
@@ -184,10 +207,7 @@ def pg_url() -> Iterator[str]:
     from procs import create_database, drop_database
 
     if not POSTGRES_URL:
-        pytest.skip(
-            "DURABLE_TEST_POSTGRES_URL is not set (e.g."
-            " postgresql+psycopg://postgres@127.0.0.1:5432/postgres)"
-        )
+        pytest.skip(PG_SKIP)
     url = create_database(POSTGRES_URL)
     try:
         yield url

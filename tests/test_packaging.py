@@ -95,6 +95,12 @@ def test_the_wheel_holds_the_package_data_and_the_extras(dist: Path) -> None:
     requires = metadata.get_all("Requires-Dist") or []
     assert any(r.startswith("requests") and 'extra == "client"' in r for r in requires)
     assert "# flask-durable" in (metadata.get_payload() or "")  # the README
+    # The durable_tester fixture reaches users' pytest through this.
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    with zipfile.ZipFile(wheel) as zf:
+        text = zf.read(entry_points).decode()
+    assert "[pytest11]" in text
+    assert "flask_durable = flask_durable.pytest_plugin" in text
 
 
 SMOKE = """
@@ -142,6 +148,7 @@ assert css.status_code == 200 and len(css.data) > 1000
 css.close()
 
 from flask_durable.client import Session  # noqa: E402
+from flask_durable.testing import DurableTester  # noqa: E402
 
 with app.app_context():
     durable.shutdown()

@@ -19,6 +19,7 @@ Durations, tagged values, event payloads and match paths are in
 from __future__ import annotations
 
 import json
+import os
 import string
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, Response, jsonify, request
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import Headers
 
@@ -60,7 +61,8 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> Any:
 # -- 1. schemathesis against the blueprint's OpenAPI document ------------------
 
 #: Examples per operation: twice this, positive and negative data mixed.
-FUZZ_EXAMPLES = 50
+#: ``DURABLE_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py`` fuzzes longer.
+FUZZ_EXAMPLES = int(os.environ.get("DURABLE_FUZZ_EXAMPLES", "25"))
 
 
 def fuzz_app(make_app: Any) -> Flask:
@@ -373,13 +375,15 @@ def test_request_bodies_replay_byte_for_byte(echo_server: Any) -> None:
     server = echo_server
     seen = {"chunked": 0, "length": 0, "413": 0}
 
-    @settings(PROPERTIES, max_examples=120)
+    @settings(PROPERTIES, max_examples=int(2.4 * FUZZ_EXAMPLES))
     @given(
         bodies(),
         st.sampled_from(CONTENT_TYPES),
         st.sampled_from(["POST", "PUT", "PATCH"]),
         st.none() | st.integers(1, 700),
     )
+    @example(b"x" * (BODY_LIMIT + 1), None, "POST", None)  # always one 413
+    @example(b"y" * (BODY_LIMIT + 1), "application/json", "PUT", 512)
     def check(
         body: bytes, content_type: str | None, method: str, chunk: int | None
     ) -> None:

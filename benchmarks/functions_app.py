@@ -1,8 +1,8 @@
 """The app of ``benchmarks/functions_bench.py``: one durable function of 3
 steps, started by the event ``bench/order``.
 
-The steps are :func:`functions_bench.prepare`, :func:`~functions_bench.charge`
-and :func:`~functions_bench.notify`, the same code the DBOS workflow of the
+The steps are :func:`functions_work.prepare`, :func:`~functions_work.charge`
+and :func:`~functions_work.notify`, the same code the DBOS workflow of the
 comparison runs. Configured from the environment (set by
 ``functions_bench.py``):
 
@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from functions_bench import (  # noqa: E402 (after the path is set)
+from functions_work import (  # noqa: E402 (after the path is set)
     EVENT_KEY,
     EVENT_NAME,
     FUNCTION_ID,

@@ -48,7 +48,7 @@ recreated for each measurement, dropped at the end). Every child process
 is killed at exit.
 
 This module's top level imports only the standard library: the DBOS venv
-runs it too, and ``functions_app.py`` imports the step functions from it.
+runs it too. The 3 steps both sides run are in ``functions_work.py``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
-import hashlib
 import json
 import os
 import platform
@@ -74,9 +73,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-EVENT_NAME = "bench/order"
-FUNCTION_ID = "bench-3-steps"
-EVENT_KEY = "bench-functions-key"
+from functions_work import EVENT_KEY, EVENT_NAME, FUNCTION_ID, charge, notify, prepare  # noqa: E402
+
 DBOS_QUEUE = "bench_orders"
 DBOS_WORKFLOW = "bench_three_steps"
 DBOS_VERSION_TAG = "bench"
@@ -84,32 +82,6 @@ DBOS_VERSION_TAG = "bench"
 PG_ADMIN = os.environ.get("BENCH_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432")
 FD_DATABASE = "durable_bench_functions"
 DBOS_DATABASE = "dbos_bench_functions"
-
-
-# -- the work: the same 3 steps on both sides ------------------------------------
-
-
-def prepare(n: int) -> dict[str, Any]:
-    return {"order": n, "sku": f"SKU-{n % 97:04d}", "qty": 1 + n % 3, "price": 19.5}
-
-
-def charge(order: dict[str, Any]) -> dict[str, Any]:
-    # A little CPU, like building and signing a payment request.
-    payload = json.dumps(order, sort_keys=True).encode()
-    digest = hashlib.sha256(payload).hexdigest()
-    return {
-        "charge_id": digest[:16],
-        "amount": round(order["qty"] * order["price"], 2),
-        "pid": os.getpid(),
-    }
-
-
-def notify(order: dict[str, Any], receipt: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "sent": True,
-        "to": f"customer-{order['order']}",
-        "ref": receipt["charge_id"],
-    }
 
 
 # -- DBOS side (run by benchmarks/.venv-dbos's Python) ----------------------------
